@@ -1,0 +1,136 @@
+"""Two local processes × 4 CPU devices (gloo) form one 8-device cluster: data-parallel training with
+per-process batches through `shard_batch` gives the parameters of a one-process 8-device run, and a
+checkpoint written by the cluster restores with its shardings.
+
+Run as a script (`python tests/test_multiprocess.py OUTDIR`), this file is the worker that
+`launch/local_multiprocess.py` starts in each process.
+"""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 3
+GLOBAL_BATCH = 8
+
+
+class MLP(nnx.Module):
+    def __init__(self, rngs):
+        part = lambda names: nnx.with_partitioning(nnx.initializers.lecun_normal(), names)
+        self.up = nnx.Linear(8, 16, kernel_init=part(("embed", "mlp")), rngs=rngs)
+        self.down = nnx.Linear(16, 4, kernel_init=part(("mlp", "embed")), rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(jnp.tanh(self.up(x)))
+
+
+def mse(model, batch, rng):
+    return jnp.mean((model(batch["x"]) - batch["y"]) ** 2), {}
+
+
+def global_batch(step):
+    r = np.random.default_rng(100 + step)
+    return {"x": r.normal(size=(GLOBAL_BATCH, 8)).astype(np.float32),
+            "y": r.normal(size=(GLOBAL_BATCH, 4)).astype(np.float32)}
+
+
+def train(mesh_cfg):
+    """STEPS data-parallel AdamW steps; each process feeds only its own rows of every global batch."""
+    from kljax.train import sharding as shd, state as st
+
+    mesh = shd.make_mesh(mesh_cfg)
+    ts = st.create_train_state(MLP, optax.adamw(1e-2, weight_decay=0.1), mesh, rng=0)
+    step = st.make_train_step(mse, mesh, st.state_sharding(ts))
+    n, i = jax.process_count(), jax.process_index()
+    rows = GLOBAL_BATCH // n
+    for s in range(STEPS):
+        full = global_batch(s)
+        local = {k: v[i * rows:(i + 1) * rows] for k, v in full.items()}
+        batch = shd.shard_batch(local, mesh)
+        if s == 0:
+            from jax.experimental import multihost_utils
+            gathered = multihost_utils.process_allgather(batch["x"], tiled=True)
+            np.testing.assert_array_equal(gathered, full["x"])  # rows land in process order
+        ts, _ = step(ts, batch)
+    return mesh, ts
+
+
+def worker(outdir):
+    from jax.experimental import multihost_utils
+
+    from kljax.train import checkpoint as ck, sharding as shd, state as st
+
+    pid, nproc = shd.initialize_distributed_from_env()
+    assert (nproc, jax.device_count(), jax.local_device_count()) == (2, 8, 4), (nproc, jax.devices())
+    mesh_cfg = {"data": 2, "fsdp": 2, "tensor": 2}
+    mesh, ts = train(mesh_cfg)
+    with ck.Manager(os.path.join(outdir, "run"), None, every=1) as mgr:
+        mgr.save(int(ts.step), ts, data_state={"process_count": nproc})
+    with ck.Manager(os.path.join(outdir, "run"), None, every=1) as mgr:
+        fresh = st.create_train_state(MLP, optax.adamw(1e-2, weight_decay=0.1), mesh, rng=1)
+        restored, data_state = mgr.restore_latest(fresh)
+    assert data_state == {"process_count": 2}
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(ts)):
+        assert a.sharding == b.sharding
+    params = multihost_utils.process_allgather(ts.params, tiled=True)
+    back = multihost_utils.process_allgather(restored.params, tiled=True)
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+    if pid == 0:
+        flat = {"/".join(str(k.key) for k in path): np.asarray(v)
+                for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+        np.savez(os.path.join(outdir, "params.npz"), **flat)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_match_one_process(tmp_path):
+    cmd = [sys.executable, os.path.join(REPO, "launch", "local_multiprocess.py"), "--num_processes", "2",
+           "--devices_per_process", "4", "--timeout", "300", "--log_dir", str(tmp_path / "logs"), "--",
+           os.path.abspath(__file__), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    logs = "".join(open(tmp_path / "logs" / f"process_{i}.log").read()[-3000:] for i in range(2))
+    assert proc.returncode == 0, logs + proc.stderr
+    got = dict(np.load(tmp_path / "params.npz"))
+
+    _, ts = train({"data": 2, "fsdp": 2, "tensor": 2})  # this process: 8 devices, one process
+    flat = {"/".join(str(k.key) for k in path): np.asarray(v)
+            for path, v in jax.tree_util.tree_flatten_with_path(ts.params)[0]}
+    assert sorted(got) == sorted(flat) == ["down/bias", "down/kernel", "up/bias", "up/kernel"]
+    for k in flat:
+        np.testing.assert_allclose(got[k], flat[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    from kljax.train import sharding as shd, state as st
+    init = st.create_train_state(MLP, optax.sgd(0.1), shd.make_mesh({"data": -1}), rng=0)
+    assert not np.allclose(got["up/kernel"], np.asarray(init.params["up"]["kernel"]))  # training moved it
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
+
+
+@pytest.mark.multiprocess
+def test_launcher_sets_env_and_stops_the_others_when_one_fails(tmp_path):
+    script = ("import os, sys, time, json; e = os.environ; "
+              "json.dump({k: e[k] for k in ('KLJAX_COORDINATOR', 'KLJAX_NUM_PROCESSES', 'KLJAX_PROCESS_ID', "
+              "'JAX_CPU_COLLECTIVES_IMPLEMENTATION', 'XLA_FLAGS')}, open(sys.argv[1] + e['KLJAX_PROCESS_ID'], 'w')); "
+              "sys.exit(3) if e['KLJAX_PROCESS_ID'] == '1' else time.sleep(120)")
+    sys.path.insert(0, os.path.join(REPO, "launch"))
+    try:
+        import local_multiprocess as lm
+    finally:
+        sys.path.pop(0)
+    rc = lm.launch(["-c", script, str(tmp_path / "env")], num_processes=2, devices_per_process=3, timeout=60)
+    assert rc == 3  # process 1's status; process 0 (sleeping 120 s) was stopped
+    import json
+    envs = [json.load(open(tmp_path / f"env{i}")) for i in range(2)]
+    assert [e["KLJAX_PROCESS_ID"] for e in envs] == ["0", "1"]
+    assert envs[0]["KLJAX_COORDINATOR"] == envs[1]["KLJAX_COORDINATOR"] and envs[0]["KLJAX_NUM_PROCESSES"] == "2"
+    assert envs[0]["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] == "gloo"
+    assert envs[0]["XLA_FLAGS"].split().count("--xla_force_host_platform_device_count=3") == 1
+    assert "device_count=8" not in envs[0]["XLA_FLAGS"]
