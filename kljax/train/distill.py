@@ -1,0 +1,514 @@
+"""Knowledge-distillation loop (`loop = "distill"`): a student LM (or digits classifier) trained
+against a fixed teacher with any registered distillation objective.
+
+Data per step (`distill.data`):
+* ``dataset``  — off-policy: the task's training sequences (supervised KD).
+* ``student``  — GKD (Agarwal et al., ICLR 2024): with probability λ (`distill.lam`) the batch's
+  completions are sampled from the *current student* (on-policy), else taken from the dataset.
+* ``teacher``  — sequence-level KD (Kim & Rush 2016): completions sampled from the teacher.
+* ``adaptive`` — DistiLLM (Ko et al., ICML 2024): fresh student samples with probability
+  φ·(1 − step/total), else a batch from a replay buffer of earlier student samples with probability φ
+  (while the buffer is not full, fresh samples), else the dataset.
+
+Whatever the source, the loss is ``objective(student_logits, teacher_logits, mask, **objective_hparams)``
+on the completion positions (position t predicts token t+1), teacher logits detached inside the objective.
+
+Teacher (`distill.teacher_from`): a workdir whose latest checkpoint holds a model with the same
+vocabulary (e.g. an `sft` run), or ``"source"`` for the synthetic language task: the exact source
+distribution (`task.true_logprobs`, smoothed by `distill.teacher_smoothing` so reverse-KL losses stay finite).
+
+Evaluation: exact per-token KL between teacher and student over the full vocabulary on held-out
+sequences, both directions (`eval/fkl` = KL(teacher‖student), `eval/rkl` = KL(student‖teacher));
+for `synthetic_lm` also the exact KL from the true source (`eval/source_fkl`) and the mean true
+log-likelihood of student samples (`eval/reward`, the task reward).
+
+Digits (`task.name = "digits"`): classic Hinton KD of a classifier: the teacher classifier
+(`distill.teacher_model`, a `classifier_config`) is trained with cross-entropy for
+`distill.teacher_steps` steps in `workdir/teacher` (or loaded from `distill.teacher_from`), then the
+student `model` with `objective` on its class logits (`kd` with α = 0 is the no-KD baseline).
+
+Config fields (`distill.*`): teacher_from, teacher_smoothing, data, lam, temperature, phi,
+replay_size, replay_ratio (LM); teacher_model, teacher_steps, teacher_model_key (digits).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from kljax import objectives, ops
+from kljax.config import ConfigError, require
+from kljax.objectives import distill as distill_obj
+from kljax.sampling import generate
+from kljax.train import checkpoint, sharding, state as state_lib
+
+DATA_SOURCES = ("dataset", "student", "teacher", "adaptive")
+
+
+# ----------------------------------------------------------------------------------------------
+# Small loop kit shared by distill / qsharp / preference (see kljax.train.common for the generic one)
+# ----------------------------------------------------------------------------------------------
+
+def objective_hparams(cfg) -> dict:
+    """`cfg.objective` without its `name`, as plain keyword arguments."""
+    d = cfg.objective.to_dict() if isinstance(cfg.objective, ml_collections.ConfigDict) else dict(cfg.objective)
+    d.pop("name", None)
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+
+
+def check_objective(cfg, family: str | tuple) -> Callable:
+    """The registered objective `cfg.objective.name`, checked to belong to `family`."""
+    families = (family,) if isinstance(family, str) else tuple(family)
+    name = require(cfg, "objective.name", lambda v: isinstance(v, str),
+                   f"name a registered objective; {families[0]} objectives: "
+                   f"{[n for n in objectives.names() if objectives.family(n) in families]}")
+    if name not in objectives.names():
+        raise ConfigError(f"config field `objective.name` = {name!r} is not a registered objective; "
+                          f"valid {'/'.join(families)} objectives: "
+                          f"{[n for n in objectives.names() if objectives.family(n) in families]}")
+    if objectives.family(name) not in families:
+        raise ConfigError(f"config field `objective.name` = {name!r} is a {objectives.family(name)!r} objective but "
+                          f"loop {cfg.loop!r} needs a {'/'.join(families)} objective: one of "
+                          f"{[n for n in objectives.names() if objectives.family(n) in families]}")
+    return objectives.get(name)
+
+
+def model_from_config(model_cfg, rngs):
+    from kljax.models import Classifier, TransformerLM
+    if "num_classes" in model_cfg:
+        return Classifier(model_cfg, rngs=rngs)
+    return TransformerLM(model_cfg, rngs=rngs)
+
+
+def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, checkpoint.CONFIG_FILE)
+    if not os.path.exists(path):
+        raise ConfigError(f"{path} does not exist: point the field at the workdir of a finished run "
+                          "(it holds config.json and checkpoints/).")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def _model_config_of(wcfg, model_key: str) -> ml_collections.ConfigDict:
+    from kljax.models import classifier_config
+    from kljax.train import common
+    d = wcfg[model_key].to_dict()
+    d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+    if "num_classes" in d:
+        return classifier_config(**d)
+    if model_key == "model":
+        return common.model_config(wcfg)
+    sub = ml_collections.ConfigDict(wcfg.to_dict())
+    sub.model = d
+    return common.model_config(sub)
+
+
+def load_model(workdir: str, field: str, model_key: str = "model", **overrides) -> nnx.Module:
+    """The model trained in `workdir` (its config.json `model_key` and latest checkpoint's params).
+
+    `overrides` change the model config (e.g. `value_head="token"` to start a critic from a
+    reference body): parameters missing from the checkpoint, or of another shape, keep their fresh
+    initialization. `field` names the config field in errors.
+    """
+    import orbax.checkpoint as ocp
+    wcfg = read_workdir_config(workdir)
+    if model_key not in wcfg:
+        raise ConfigError(f"config field `{field}` = {workdir!r}: its config.json has no `{model_key}`.")
+    mcfg = _model_config_of(wcfg, model_key)
+    for k, v in overrides.items():
+        mcfg[k] = v
+    model = model_from_config(mcfg, nnx.Rngs(0))
+    ckdir = os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINT_DIR)
+    mgr = ocp.CheckpointManager(ckdir, item_names=("state", "data"))
+    step = mgr.latest_step()
+    if step is None:
+        raise ConfigError(f"config field `{field}` = {workdir!r} has no finished checkpoint in {ckdir}; "
+                          "run that stage first.")
+    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    mgr.close()
+    params = restored["params"]
+    graphdef, cur, rest = nnx.split(model, nnx.Param, ...)
+    cur_pure = nnx.to_pure_dict(cur)
+
+    def merge(fresh, loaded):
+        if isinstance(fresh, dict):
+            sub = loaded if isinstance(loaded, dict) else {}
+            return {k: merge(v, sub.get(k, sub.get(str(k)))) for k, v in fresh.items()}
+        if loaded is None or tuple(np.shape(loaded)) != tuple(np.shape(fresh)):
+            return fresh
+        return jnp.asarray(loaded, fresh.dtype)
+
+    nnx.replace_by_pure_dict(cur, merge(cur_pure, params))
+    return nnx.merge(graphdef, cur, rest)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence layout: prompt (LEFT-padded) + completion (right-padded)
+# ----------------------------------------------------------------------------------------------
+
+def sequence_batch(prompt, prompt_valid, completion, completion_valid) -> dict:
+    """`{tokens, valid, positions, loss_mask}` [B, P+N] for prompt+completion.
+
+    `loss_mask[:, t]` is 1 where position t predicts a real completion token (t+1 ≥ P), so the
+    loss uses `logits[:, t]` against token t+1; the last position never trains.
+    """
+    prompt, completion = np.asarray(prompt), np.asarray(completion)
+    pv, cv = np.asarray(prompt_valid, np.int32), np.asarray(completion_valid, np.int32)
+    tokens = np.concatenate([prompt, completion], axis=1).astype(np.int32)
+    valid = np.concatenate([pv, cv], axis=1)
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+    loss_mask = np.zeros_like(valid)
+    loss_mask[:, prompt.shape[1] - 1:-1] = cv
+    return {"tokens": tokens, "valid": valid, "positions": positions, "loss_mask": loss_mask.astype(np.float32)}
+
+
+def exact_kl_metrics(student_logits, teacher_logits, mask) -> dict:
+    """Mean per-token exact KL over the vocabulary, both directions, on positions where `mask` = 1.
+
+    `fkl` = KL(teacher‖student) (forward), `rkl` = KL(student‖teacher) (reverse); teacher entries
+    of −inf are tokens the teacher never emits.
+    """
+    from kljax import divergences as dv
+    m = jnp.asarray(mask, jnp.float32)
+    s = jnp.where(m[..., None] > 0, student_logits, 0.0)
+    t = jnp.where(m[..., None] > 0, teacher_logits, 0.0)
+    return {"fkl": ops.masked_mean(dv.forward_kl(t, s), m), "rkl": ops.masked_mean(dv.reverse_kl(t, s), m)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Config checks (before anything compiles)
+# ----------------------------------------------------------------------------------------------
+
+def validate(cfg, check_paths: bool = True) -> None:
+    """Raise `ConfigError` naming the field and the fix for a distill config that cannot run."""
+    from kljax.train import common
+    check_objective(cfg, "distill")
+    require(cfg, "distill", lambda v: v is not None, "add a `distill` ConfigDict (teacher_from, data, lam, ...).")
+    name = cfg.objective.name
+    if name == "minillm":
+        raise ConfigError("config field `objective.name` = 'minillm' needs policy-gradient rollouts; use loop 'rl' "
+                          "with `rl.teacher_from`, or a divergence objective (fkl, rkl, jsd, ...) here.")
+    if cfg.task.name == "digits":
+        require(cfg, "distill.teacher_model", lambda v: "num_classes" in v,
+                "digits KD needs `distill.teacher_model = classifier_config(...)` for the teacher.")
+        return
+    data = require(cfg, "distill.data", lambda v: v in DATA_SOURCES, f"use one of {DATA_SOURCES}.")
+    teacher = require(cfg, "distill.teacher_from", lambda v: isinstance(v, str) and (v != "" or not check_paths),
+                      "a distillation loss needs a teacher: set `distill.teacher_from` to the workdir of a "
+                      "trained model (e.g. an sft stage), or 'source' for synthetic_lm's true distribution.")
+    if teacher == "source" and cfg.task.name != "synthetic_lm":
+        raise ConfigError(f"config field `distill.teacher_from` = 'source' needs task.name='synthetic_lm' "
+                          f"(the only task with a known source distribution); got {cfg.task.name!r}.")
+    if check_paths and teacher != "source":
+        common.check_run_exists(teacher, "distill.teacher_from")
+    if data == "student":
+        require(cfg, "distill.lam", lambda v: 0.0 <= v <= 1.0, "GKD's λ is a probability in [0, 1].")
+    if data == "adaptive":
+        require(cfg, "distill.phi", lambda v: 0.0 <= v <= 1.0, "DistiLLM's φ is a probability in [0, 1].")
+        require(cfg, "distill.replay_size", lambda v: v >= cfg.batch_size,
+                "the replay buffer must hold at least one batch (>= batch_size).")
+    common.validate_common(cfg)
+    if cfg.model.get("value_head", "none") != "none":
+        raise ConfigError("config field `model.value_head` must be 'none' for a distillation student.")
+
+
+# ----------------------------------------------------------------------------------------------
+# LM distillation
+# ----------------------------------------------------------------------------------------------
+
+def lm_distill_loss(model, batch, rng, *, objective, hparams):
+    """`objective(student_logits, teacher_logits, loss_mask, **hparams)` on one batch (`kd`/`nkd` also get
+    `labels` = the next tokens, their hard-label term)."""
+    logits = model(batch["tokens"], positions=batch["positions"], valid=batch["valid"])
+    kw = dict(hparams)
+    if objective in (objectives.get("kd"), objectives.get("nkd")):
+        # Hard labels = the batch's next tokens (dataset, student or teacher samples).
+        toks = batch["tokens"]
+        kw["labels"] = jnp.concatenate([toks[:, 1:], jnp.zeros_like(toks[:, :1])], axis=1)
+    loss, m = objective(logits, batch["teacher_logits"], batch["loss_mask"], **kw)
+    out = dict(m)
+    out["kl"] = m.get("distill/kl", jnp.zeros(()))
+    return loss, out
+
+
+class _Teacher:
+    """Teacher next-token log-probs `[B, T, V]` for token sequences, and a sampler (sequence KD)."""
+
+    def __init__(self, cfg, task, mesh=None):
+        from kljax.train import common
+        spec = cfg.distill.teacher_from
+        self.task = task
+        if spec == "source":
+            self.model = None
+            self.smoothing = float(cfg.distill.get("teacher_smoothing", 0.0))
+        else:
+            common.check_run_exists(spec, "distill.teacher_from")
+            self.model = common.load_model_from(spec, mesh or common.build_mesh(cfg))
+            if self.model.vocab_size != task.vocab_size:
+                raise ConfigError(f"config field `distill.teacher_from` = {spec!r}: teacher vocabulary "
+                                  f"{self.model.vocab_size} != task vocabulary {task.vocab_size}.")
+            graphdef, st = nnx.split(self.model)
+            fwd = jax.jit(lambda st, t, p, v: nnx.merge(graphdef, st)(t, positions=p, valid=v))
+            self._fwd = lambda t, p, v: fwd(st, t, p, v)
+
+    def logits(self, b: dict) -> np.ndarray:
+        if self.model is None:
+            return self.task.true_logprobs(b["tokens"], smoothing=self.smoothing)
+        return np.asarray(self._fwd(b["tokens"], b["positions"], b["valid"]))
+
+
+def _source_sample(task, prompts, n, key):
+    """Completions sampled from synthetic_lm's true source (the 'source' teacher), [B, N] + mask."""
+    seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    # The source is a bigram chain; prompts are a single BOS token.
+    toks = task.sample(prompts.shape[0], rng)[:, 1:1 + n]
+    valid = task.validity(toks)
+    return toks, valid
+
+
+class _DistillData:
+    """Per-step batches for the LM distillation loop: draws the data source, samples completions
+    (student / teacher / source), builds the sequence batch and the teacher logits.
+
+    Wraps the dataset loader; `get_state`/`set_state` forward to it (the replay buffer is not
+    checkpointed and refills after a resume).
+    """
+
+    def __init__(self, cfg, task, teacher, loader, mesh):
+        self.cfg, self.task, self.teacher, self.loader, self.mesh = cfg, task, teacher, loader, mesh
+        self.data = cfg.distill.data
+        self.temperature = float(cfg.distill.get("temperature", 1.0))
+        self.key = jax.random.PRNGKey(int(cfg.seed) + 1)
+        self.replay: list = []
+        self.replay_size = int(cfg.distill.get("replay_size", 0) or 0)
+        self.counts = {"dataset": 0, "student": 0, "teacher": 0, "replay": 0}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.loader)  # raw dataset rows; `batch` turns them into the step's batch
+
+    def get_state(self):
+        return self.loader.get_state()
+
+    def set_state(self, s):
+        self.loader.set_state(s)
+
+    def choose(self, step: int, key) -> str:
+        """Which data trains step `step`: 'dataset' | 'student' | 'teacher' | 'replay'."""
+        cfg = self.cfg
+        if self.data == "teacher":
+            return "teacher"
+        if self.data == "student":
+            return "student" if bool(distill_obj.gkd_use_student_data(key, float(cfg.distill.lam))) else "dataset"
+        if self.data == "adaptive":
+            src = int(distill_obj.distillm_data_source(
+                key, float(cfg.distill.phi), step, int(cfg.total_steps), len(self.replay) >= self.replay_size,
+                cfg.distill.get("replay_ratio", "decreasing")))
+            which = {distill_obj.DATASET: "dataset", distill_obj.STUDENT: "student", distill_obj.REPLAY: "replay"}[src]
+            if which == "replay" and len(self.replay) < int(cfg.batch_size):
+                which = "student"
+            return which
+        return "dataset"
+
+    def sample(self, which, student, prompts, pv, key):
+        n = self.task.completion_len
+        if which == "teacher" and self.teacher.model is None:
+            return _source_sample(self.task, prompts, n, key)
+        model = student if which == "student" else self.teacher.model
+        out = generate(model, prompts, pv, key, n, self.task.eos_id, temperature=self.temperature,
+                       pad_id=self.task.pad_id)
+        return np.asarray(out.tokens), np.asarray(out.mask)
+
+    def batch(self, step: int, student, raw: dict) -> tuple[dict, str]:
+        k_choice, k_gen = jax.random.split(jax.random.fold_in(self.key, step))
+        which = self.choose(step, k_choice)
+        self.counts[which] += 1
+        if which == "dataset":
+            comp, cv = raw["target"], raw["target_valid"]
+        elif which == "replay":
+            idx = np.asarray(jax.random.choice(k_gen, len(self.replay), (int(self.cfg.batch_size),), replace=False))
+            comp = np.stack([self.replay[i][0] for i in idx])
+            cv = np.stack([self.replay[i][1] for i in idx])
+        else:
+            comp, cv = self.sample(which, student, raw["prompt"], raw["prompt_valid"], k_gen)
+            if self.data == "adaptive" and which == "student":
+                self.replay.extend(zip(comp, cv))
+                del self.replay[:max(0, len(self.replay) - self.replay_size)]
+        b = sequence_batch(raw["prompt"], raw["prompt_valid"], comp, cv)
+        b["teacher_logits"] = self.teacher.logits(b).astype(np.float32)
+        return sharding.shard_batch(b, self.mesh), which
+
+
+def make_lm_kl_eval(cfg, task, teacher, mesh):
+    """`eval_fn(ts)`: exact KL to the teacher (and, for synthetic_lm, to the true source) on test
+    sequences, plus generation metrics of the student (`common.evaluate_generation`)."""
+    from kljax.train import common
+    test = common.test_records(cfg, task)
+    b = sequence_batch(test["prompt"], test["prompt_valid"], test["target"], test["target_valid"])
+    t_logits = teacher.logits(b)
+    true = task.true_logprobs(b["tokens"]) if task.name == "synthetic_lm" else None
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def kl(graphdef, st, tokens, positions, valid, target, mask):
+        return exact_kl_metrics(nnx.merge(graphdef, st)(tokens, positions=positions, valid=valid), target, mask)
+
+    key = jax.random.PRNGKey(int(cfg.seed) + 12345)
+    settings = common.eval_settings(cfg)
+
+    def eval_fn(ts):
+        model = ts.model()
+        g, st = nnx.split(model)
+        args = (b["tokens"], b["positions"], b["valid"])
+        out = {f"eval/{k}": float(v) for k, v in kl(g, st, *args, t_logits, b["loss_mask"]).items()}
+        if true is not None:
+            out["eval/source_fkl"] = float(kl(g, st, *args, true, b["loss_mask"])["fkl"])
+        out.update(common.evaluate_generation(model, task, test, key, mesh=mesh, **settings))
+        return out
+
+    return eval_fn
+
+
+def run(cfg, workdir: str):
+    """Run the `distill` loop described by `cfg` in `workdir`; returns the final eval metrics."""
+    from kljax.data import make_loader
+    from kljax.train import common
+    validate(cfg)
+    if cfg.task.name == "digits":
+        return run_classifier_kd(cfg, workdir)
+    objective = check_objective(cfg, "distill")
+    hparams = objective_hparams(cfg)
+    task = common.build_task(cfg)
+    mesh = common.build_mesh(cfg)
+    teacher = _Teacher(cfg, task, mesh)
+    ts = common.create_state(cfg, mesh, task)
+    if cfg.get("init_from", ""):
+        common.check_run_exists(cfg.init_from, "init_from")
+        ts = common.init_params_from(ts, cfg.init_from, mesh)
+    train_step = common.make_step(functools.partial(lm_distill_loss, objective=objective, hparams=hparams),
+                                  cfg, mesh, ts)
+    loader = make_loader(task.data_source("train", common.data_dir(cfg)), int(cfg.batch_size), seed=int(cfg.seed))
+    data = _DistillData(cfg, task, teacher, loader, mesh)
+    codes = {"dataset": 0.0, "student": 1.0, "teacher": 2.0, "replay": 3.0}
+
+    def step_fn(ts, raw):
+        step = int(jax.device_get(ts.step))
+        batch, which = data.batch(step, ts.model(), raw)
+        ts, m = train_step(ts, batch)
+        m = dict(m)
+        m["data/source"] = codes[which]
+        m["data/student_frac"] = data.counts["student"] / max(sum(data.counts.values()), 1)
+        return ts, m
+
+    eval_fn = make_lm_kl_eval(cfg, task, teacher, mesh)
+    return common.run_loop(cfg, workdir, state=ts, step_fn=step_fn, batches=data, eval_fn=eval_fn,
+                           bar_keys=("loss", "kl"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Classic KD for the digits classifier (Hinton et al. 2015)
+# ----------------------------------------------------------------------------------------------
+
+def classifier_kd_loss(model, batch, rng, *, objective, hparams, teacher_logits_key="teacher_logits"):
+    """Objective on class logits viewed as one "position": [B, C] -> [B, 1, C]; labels for `kd`'s CE term."""
+    logits = model(batch["image"], deterministic=True)
+    s = logits[:, None, :]
+    mask = jnp.ones(s.shape[:2], jnp.float32)
+    kw = dict(hparams)
+    if "teacher_logits" not in batch:  # plain cross-entropy (teacher training)
+        loss = -jnp.mean(ops.token_logprobs(s, batch["label"][:, None]))
+        acc = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+        return loss, {"accuracy": acc}
+    if objectives.get("kd") is objective:
+        kw["labels"] = batch["label"][:, None]
+    loss, m = objective(s, batch[teacher_logits_key][:, None, :], mask, **kw)
+    m = dict(m)
+    m["accuracy"] = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+    m["kl"] = m.get("distill/kl", jnp.zeros(()))
+    return loss, m
+
+
+def train_classifier(model_cfg, task, cfg, steps: int, seed: int, mesh, workdir: str | None = None):
+    """Cross-entropy training of a digits classifier (the KD teacher); checkpointed in `workdir` if given,
+    so a resumed KD run reuses the finished teacher."""
+    from kljax.data import make_loader
+    from kljax.train import common
+    ocfg = common.optim_config(cfg)
+    ocfg.update(total_steps=int(steps), warmup_steps=min(int(ocfg.get("warmup_steps", 0)), int(steps) - 1))
+    tx, sched = state_lib.optimizer_from_config(ocfg), state_lib.schedule_from_config(ocfg)
+    ts = state_lib.create_train_state(lambda rngs: model_from_config(model_cfg, rngs), tx, mesh, rng=seed)
+    loss = functools.partial(classifier_kd_loss, objective=None, hparams={})
+    step_fn = state_lib.make_train_step(loss, mesh, state_lib.state_sharding(ts), schedule=sched)
+    mgr = checkpoint.Manager(workdir, None, every=int(steps), keep=1, async_save=False) if workdir else None
+    try:
+        if mgr is not None:
+            got = mgr.restore_latest(state_lib.abstract_state(ts))
+            if got is not None and int(jax.device_get(got[0].step)) >= steps:
+                return got[0].model()
+        loader = make_loader(task.data_source("train", common.data_dir(cfg)), int(cfg.batch_size), seed=seed)
+        for _ in range(int(steps)):
+            b = next(loader)
+            ts, _m = step_fn(ts, sharding.shard_batch({"image": b["image"], "label": b["label"]}, mesh))
+        if mgr is not None:
+            mgr.save(int(steps), ts, None, force=True)
+    finally:
+        if mgr is not None:
+            mgr.close()
+    return ts.model()
+
+
+def run_classifier_kd(cfg, workdir: str):
+    """Digits: train (or load) the teacher classifier, then distill it into the student `cfg.model`.
+
+    `objective.name = "kd"` with `objective.alpha = 0` is the no-KD baseline (plain cross-entropy).
+    Eval: test accuracy of student and teacher, exact KL(teacher‖student) and KL(student‖teacher).
+    """
+    from kljax.data import make_loader, read_all
+    from kljax.train import common
+    objective = check_objective(cfg, "distill")
+    hparams = objective_hparams(cfg)
+    task = common.build_task(cfg)
+    mesh = common.build_mesh(cfg)
+    if cfg.distill.get("teacher_from", ""):
+        common.check_run_exists(cfg.distill.teacher_from, "distill.teacher_from")
+        teacher = load_model(cfg.distill.teacher_from, "distill.teacher_from",
+                             model_key=cfg.distill.get("teacher_model_key", "model"))
+    else:
+        teacher = train_classifier(cfg.distill.teacher_model, task, cfg, int(cfg.distill.teacher_steps),
+                                   int(cfg.seed) + 100, mesh, os.path.join(os.path.abspath(workdir), "teacher"))
+    test = read_all(task.data_source("test", common.data_dir(cfg)))
+    t_graph, t_state = nnx.split(teacher)
+    t_fwd = jax.jit(lambda st, x: nnx.merge(t_graph, st)(x, deterministic=True))
+    t_test = np.asarray(t_fwd(t_state, test["image"]))
+    teacher_acc = float(np.mean(np.argmax(t_test, -1) == test["label"]))
+
+    tx = state_lib.optimizer_from_config(common.optim_config(cfg))
+    ts = state_lib.create_train_state(lambda rngs: model_from_config(cfg.model, rngs), tx, mesh, rng=int(cfg.seed))
+    train_step = common.make_step(functools.partial(classifier_kd_loss, objective=objective, hparams=hparams),
+                                  cfg, mesh, ts)
+    loader = make_loader(task.data_source("train", common.data_dir(cfg)), int(cfg.batch_size), seed=int(cfg.seed))
+
+    def add_teacher(b):
+        b = {"image": b["image"], "label": b["label"]}
+        b["teacher_logits"] = np.asarray(t_fwd(t_state, b["image"]))
+        return b
+
+    batches = common.ShardedIterator(loader, mesh, transform=add_teacher)
+
+    def eval_fn(ts):
+        s = np.asarray(ts.model()(test["image"], deterministic=True))
+        kl = exact_kl_metrics(jnp.asarray(s)[:, None], jnp.asarray(t_test)[:, None], jnp.ones((len(s), 1)))
+        return {"eval/accuracy": float(np.mean(np.argmax(s, -1) == test["label"])),
+                "eval/teacher_accuracy": teacher_acc, "eval/fkl": float(kl["fkl"]), "eval/rkl": float(kl["rkl"])}
+
+    return common.run_loop(cfg, workdir, state=ts, step_fn=train_step, batches=batches, eval_fn=eval_fn,
+                           bar_keys=("loss", "accuracy"))

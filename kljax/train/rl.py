@@ -1,0 +1,330 @@
+"""Policy-gradient RL with verifiable rewards, for any registered policy objective.
+
+One loop step (one *roll-out*):
+
+1. take `rl.prompts_per_step` prompts from the train split and sample `rl.group_size`
+   completions of each with `generate` (temperature / top-k / top-p from `rl`);
+2. score them with the task's reward; with `rl.dynamic_sampling` (DAPO) groups whose rewards are all
+   equal are dropped and more prompts are sampled (up to `rl.max_sampling_rounds` rounds) until the
+   batch is full again; rows still missing are filled with dropped groups (their group advantage is 0);
+3. compute old log-probs (policy before the update), reference log-probs (and the reference
+   logits when `objective.kl_estimator == "exact"`), and a teacher's log-probs (KDRL, `rl.teacher_from`);
+4. run `rl.updates_per_rollout` epochs of minibatch updates (`rl.minibatch_size` rows = whole
+   groups) with `objective(batch, **hparams)`, where the batch carries the rewards and
+   `group_size` (the objective's own advantage estimator, `rl.advantage = "objective"`) or
+   precomputed advantages (`"group_mean_std"`, `"group_mean"`, `"leave_one_out"`, `"batch"`);
+5. reference: `rl.reference = "fixed"` keeps `init_from`'s params; `"reset"` replaces the reference by
+   the current policy every `rl.reset_every` roll-outs (RPG's iterative reference / ProRL's reset).
+
+`total_steps` counts roll-outs; each runs `updates_per_rollout × rollout_rows / minibatch_size`
+optimizer updates (`optim.total_steps` defaults to that product for the schedule).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kljax import data as data_lib
+from kljax import objectives, ops
+from kljax.config import ConfigError, require
+from kljax.objectives import advantages as adv_lib
+from kljax.sampling import generate
+from kljax.train import common, sharding as shd, state as state_lib
+
+ADVANTAGES = ("objective", "group_mean_std", "group_mean", "leave_one_out", "batch")
+# Objectives whose default advantage needs a group of samples per prompt (group_size >= 2).
+_NO_GROUP_NEEDED = ("ppo", "reinforce_pp", "apo")
+
+
+@flax.struct.dataclass
+class RLState:
+    """Checkpointed RL state: the policy's train state, the reference params, roll-outs done."""
+    train: state_lib.TrainState
+    ref_params: Any
+    step: jax.Array
+
+
+def _rl(cfg):
+    return cfg.rl
+
+
+def updates_per_step(cfg: Any) -> int:
+    r = _rl(cfg)
+    rows = int(r.prompts_per_step) * int(r.group_size)
+    return int(r.updates_per_rollout) * (rows // int(r.minibatch_size))
+
+
+def validate(cfg: Any, check_paths: bool = True) -> None:
+    """RL config checks (before compiling): objective, group size, minibatch, reference, teacher."""
+    common.validate_common(cfg)
+    name = require(cfg, "objective.name", lambda v: isinstance(v, str), "name a policy objective.")
+    try:
+        fam = objectives.family(name)
+    except KeyError as e:
+        raise ConfigError(f"config field `objective.name`: {e.args[0]}") from None
+    if fam != "policy":
+        raise ConfigError(f"config field `objective.name` = {name!r} is a {fam} objective; loop 'rl' needs one of "
+                          f"{objectives.names('policy')}.")
+    fn = objectives.get(name)
+    params = inspect.signature(fn).parameters
+    bad = [k for k in cfg.objective.keys() if k != "name" and k not in params]
+    if bad:
+        raise ConfigError(f"config field(s) {['objective.' + b for b in bad]} are not hyper-parameters of "
+                          f"{name!r}; valid: {[p for p in params if p != 'batch']}.")
+    r = cfg.rl
+    g = require(cfg, "rl.group_size", lambda v: int(v) >= 1, "use a positive group size.")
+    adv = require(cfg, "rl.advantage", lambda v: v in ADVANTAGES, f"use one of {ADVANTAGES}.", default="objective")
+    group_adv = adv in ("group_mean_std", "group_mean", "leave_one_out") or (
+        adv == "objective" and name not in _NO_GROUP_NEEDED)
+    if g < 2 and group_adv:
+        raise ConfigError(f"config field `rl.group_size` = {g}: objective {name!r} with rl.advantage={adv!r} uses a "
+                          "group baseline, which is 0 for a single sample (no learning signal); use "
+                          "rl.group_size >= 2 or rl.advantage='batch'.")
+    if g < 2 and r.get("dynamic_sampling", False):
+        raise ConfigError("config field `rl.dynamic_sampling` = True needs rl.group_size >= 2 (a group of one "
+                          "always has zero reward variance).")
+    rows = int(r.prompts_per_step) * g
+    mesh = common.build_mesh(cfg)
+    dp = shd.data_parallel_size(mesh)
+    require(cfg, "rl.minibatch_size", lambda v: int(v) >= 1 and rows % int(v) == 0 and int(v) % g == 0
+            and int(v) % dp == 0,
+            f"the minibatch must hold whole groups (a multiple of rl.group_size={g}), divide the roll-out "
+            f"(rl.prompts_per_step × rl.group_size = {rows}) and be a multiple of the data-parallel size {dp}.")
+    require(cfg, "rl.prompts_per_step", lambda v: int(v) % jax.process_count() == 0,
+            "use a multiple of the process count.")
+    ref = require(cfg, "rl.reference", lambda v: v in ("fixed", "reset"), "use 'fixed' or 'reset'.",
+                  default="fixed")
+    if ref == "reset":
+        require(cfg, "rl.reset_every", lambda v: int(v) >= 1, "reset the reference every K >= 1 roll-outs.")
+    if not cfg.get("init_from", ""):
+        raise ConfigError("config field `init_from` is empty: loop 'rl' starts from a pretrained model, which is "
+                          "also the reference; set --config.init_from=<workdir of an sft run> (e.g. the "
+                          "experiment's `pretrain` arg).")
+    if check_paths:  # a pipeline's later stages point at runs that do not exist yet
+        common.check_run_exists(cfg.init_from, "init_from")
+        if r.get("teacher_from", ""):
+            common.check_run_exists(r.teacher_from, "rl.teacher_from")
+    if name == "kdrl" and not r.get("teacher_from", ""):
+        raise ConfigError("objective 'kdrl' needs a teacher: set config field `rl.teacher_from` to a trained run's "
+                          "workdir.")
+
+
+def _objective_kwargs(cfg: Any, group_size: int) -> tuple[Any, dict]:
+    name = cfg.objective.name
+    fn = objectives.get(name)
+    kw = {k: v for k, v in cfg.objective.items() if k != "name"}
+    if "group_size" in inspect.signature(fn).parameters:
+        kw["group_size"] = group_size
+    return fn, kw
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _logp_and_logits(graphdef, params, rest, seq, valid, prompt_len, want_logits):
+    model = nnx.merge(graphdef, params, rest)
+    logp, logits = common.completion_logp(model, seq, valid, prompt_len)
+    return logp, (logits if want_logits else None)
+
+
+def _model_logp(graphdef, params, rest, seq, valid, prompt_len, want_logits=False):
+    return _logp_and_logits(graphdef, params, rest, seq, valid, prompt_len, want_logits)
+
+
+def _repeat(batch, g):
+    return {k: np.repeat(np.asarray(v), g, axis=0) for k, v in batch.items()}
+
+
+def _group_std(rewards, g):
+    return rewards.reshape(-1, g).std(axis=-1)
+
+
+def fill_groups(first: dict, more, n_groups: int, group_size: int) -> tuple[dict, dict]:
+    """DAPO dynamic sampling: keep groups whose rewards vary, drawing roll-outs from `more` until
+    `n_groups` are kept or `more` is exhausted; then fill with dropped groups (zero group advantage).
+
+    `first` and each item of `more` map names to arrays with `n·group_size` rows and include
+    "rewards". Returns (batch of exactly `n_groups·group_size` rows, {"dynamic_sampling/rounds",
+    "dynamic_sampling/frac_kept"}).
+    """
+    keep, spare = [], []
+    ro, rounds = first, 1
+    while True:
+        std = _group_std(ro["rewards"], group_size)
+        for gi in range(len(std)):
+            sl = slice(gi * group_size, (gi + 1) * group_size)
+            (keep if std[gi] > 0 else spare).append({k: v[sl] for k, v in ro.items()})
+        if len(keep) >= n_groups:
+            break
+        ro = next(more, None)
+        if ro is None:
+            break
+        rounds += 1
+    groups = (keep + spare)[:n_groups]
+    batch = {k: np.concatenate([g[k] for g in groups]) for k in groups[0]}
+    return batch, {"dynamic_sampling/rounds": float(rounds),
+                   "dynamic_sampling/frac_kept": min(len(keep), n_groups) / n_groups}
+
+
+def make_rl_loss(cfg: Any, prompt_len: int, group_size: int):
+    """`loss_fn(model, batch, rng)` running the configured policy objective on one minibatch."""
+    fn, kw = _objective_kwargs(cfg, group_size)
+
+    def loss_fn(model, batch, rng):
+        del rng
+        logp, logits = common.completion_logp(model, batch["sequences"], batch["valid"], prompt_len)
+        ob = {"logp": logp, "logits": logits, "old_logp": batch["old_logp"], "ref_logp": batch["ref_logp"],
+              "mask": batch["mask"]}
+        for k in ("rewards", "advantages", "ref_logits", "teacher_logp"):
+            if k in batch:
+                ob[k] = batch[k]
+        loss, m = fn(ob, **kw)
+        m = dict(m)
+        m.setdefault("entropy", ops.masked_mean(jax.lax.stop_gradient(ops.entropy(logits)), batch["mask"]))
+        return loss, m
+    return loss_fn
+
+
+def run(cfg: Any, workdir: str) -> dict:
+    """Train `cfg.total_steps` roll-outs in `workdir` (resuming); return the final evaluation."""
+    r = cfg.rl
+    G, n_prompts = int(r.group_size), int(r.prompts_per_step)
+    mb = int(r.minibatch_size)
+    rows = n_prompts * G
+    task = common.build_task(cfg)
+    mesh = common.build_mesh(cfg)
+    P = task.prompt_len
+    n_new = int(r.get("max_new_tokens", 0) or task.completion_len)
+    # The lr schedule counts optimizer updates.
+    sched_cfg = cfg.copy_and_resolve_references()
+    with sched_cfg.unlocked():
+        if "total_steps" not in sched_cfg.optim:
+            sched_cfg.optim.total_steps = int(cfg.total_steps) * updates_per_step(cfg)
+    ts = common.create_state(sched_cfg, mesh, task)
+    ts = common.init_params_from(ts, cfg.init_from, mesh)
+    ref_params = jax.tree.map(lambda x: x.copy(), ts.params)
+    teacher = None
+    if r.get("teacher_from", ""):
+        teacher_ts, _ = common.load_state_from(r.teacher_from, mesh)
+        teacher = (teacher_ts.graphdef, teacher_ts.params, teacher_ts.model_state)
+    state = RLState(train=ts, ref_params=ref_params,
+                    step=jax.device_put(jnp.zeros((), jnp.int32), shd.replicated(mesh)))
+
+    exact = cfg.objective.get("kl_estimator", "") == "exact"
+    adv_kind = r.get("advantage", "objective")
+    step_fn_jit = state_lib.make_train_step(make_rl_loss(cfg, P, G), mesh, state_lib.state_sharding(ts),
+                                            schedule=common.schedule(sched_cfg))
+    source = task.data_source("train", common.data_dir(cfg))
+    prompts = data_lib.make_loader(source, n_prompts, seed=int(cfg.seed))
+    # Evaluation KL is always to the initial (pretrained) model, also when the reference is reset.
+    ref_model_for_eval = nnx.merge(ts.graphdef, jax.tree.map(lambda x: x.copy(), ref_params), ts.model_state)
+    eval_fn = common.make_generation_eval(cfg, task, mesh, ref_model=ref_model_for_eval,
+                                          model_of=lambda s: s.train.model())
+    dynamic = bool(r.get("dynamic_sampling", False))
+    max_rounds = int(r.get("max_sampling_rounds", 4))
+    sample_kw = dict(temperature=float(r.get("temperature", 1.0)), top_k=int(r.get("top_k", 0)),
+                     top_p=float(r.get("top_p", 1.0)))
+
+    def rollout(model, batch, key):
+        rep = _repeat(batch, G)
+        dev = shd.shard_batch({"prompt": rep["prompt"], "prompt_valid": rep["prompt_valid"]}, mesh)
+        out = generate(model, dev["prompt"], dev["prompt_valid"], key, n_new, task.eos_id, pad_id=task.pad_id,
+                       **sample_kw)
+        toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
+        rewards = np.asarray(task.reward(toks, mask, rep), np.float32)
+        return {"sequences": np.asarray(out.sequences), "prompt_valid": rep["prompt_valid"], "mask": mask,
+                "rewards": rewards}
+
+    def collect(model, key):
+        """A full roll-out batch of `n_prompts` groups (DAPO: only groups with reward variance)."""
+        first = rollout(model, next(prompts), jax.random.fold_in(key, 0))
+        if not dynamic:
+            return first, {}
+        more = (rollout(model, next(prompts), jax.random.fold_in(key, i)) for i in range(1, max_rounds))
+        return fill_groups(first, more, n_prompts, G)
+
+    def step_fn(st: RLState, _):
+        train = st.train
+        step = int(jax.device_get(st.step))
+        key = jax.random.fold_in(train.rng, 1_000_003 + step)  # differs from the update keys fold_in(rng, t)
+        model = train.model()
+        ro, ds_stats = collect(model, key)
+        # Metrics of the roll-out as sampled (before dynamic-sampling filtering, TRL reports the batch used).
+        seq = jnp.asarray(ro["sequences"])
+        valid = jnp.concatenate([jnp.asarray(ro["prompt_valid"]), jnp.asarray(ro["mask"])], axis=1)
+        old_logp, _ = _model_logp(train.graphdef, train.params, train.model_state, seq, valid, P)
+        ref_logp, ref_logits = _model_logp(train.graphdef, st.ref_params, train.model_state, seq, valid, P, exact)
+        full = {"sequences": ro["sequences"], "valid": np.asarray(valid), "mask": ro["mask"].astype(np.float32),
+                "old_logp": np.asarray(old_logp), "ref_logp": np.asarray(ref_logp)}
+        if exact:
+            full["ref_logits"] = np.asarray(ref_logits)
+        if teacher is not None:
+            t_logp, _ = _model_logp(teacher[0], teacher[1], teacher[2], seq, valid, P)
+            full["teacher_logp"] = np.asarray(t_logp)
+        rw = ro["rewards"]
+        if adv_kind == "objective":
+            full["rewards"] = rw
+        else:
+            if adv_kind == "group_mean_std":
+                a = adv_lib.group_normalized(rw, G)
+            elif adv_kind == "group_mean":
+                a = adv_lib.group_mean(rw, G)
+            elif adv_kind == "leave_one_out":
+                a = adv_lib.leave_one_out(rw, G)
+            else:
+                a = adv_lib.batch_normalized(jnp.asarray(rw))
+            full["advantages"] = np.asarray(a, np.float32)
+            full["rewards"] = rw
+        # Minibatches of whole groups, reshuffled each epoch (deterministic given the step).
+        rng = np.random.default_rng([int(cfg.seed), step])
+        n_groups = rows // G
+        sums: dict = {}
+        n = 0
+        for _ in range(int(r.updates_per_rollout)):
+            order = rng.permutation(n_groups)
+            for lo in range(0, n_groups, mb // G):
+                idx = (order[lo:lo + mb // G][:, None] * G + np.arange(G)[None]).reshape(-1)
+                mbatch = shd.shard_batch({k: v[idx] for k, v in full.items()}, mesh)
+                train, m = step_fn_jit(train, mbatch)
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n += 1
+        out = {k: v / n for k, v in sums.items()}
+        out.update({k: float(v) for k, v in adv_lib.reward_metrics(jnp.asarray(rw), G).items()})
+        out["completions/mean_length"] = float(ro["mask"].sum(-1).mean())
+        out["num_updates"] = float(n)
+        out.update(ds_stats)
+        new_ref = st.ref_params
+        if r.get("reference", "fixed") == "reset" and (step + 1) % int(r.reset_every) == 0:
+            new_ref = jax.tree.map(lambda x: x.copy(), train.params)
+            out["reference_reset"] = 1.0
+        return RLState(train=train, ref_params=new_ref, step=st.step + 1), out
+
+    return common.run_loop(cfg, workdir, state=state, step_fn=step_fn, batches=_PromptIter(prompts),
+                           eval_fn=eval_fn,
+                           bar_keys=("reward", "kl", "entropy", "loss"), desc=f"rl {cfg.objective.name}")
+
+
+class _PromptIter:
+    """Checkpoint handle of the prompt loader: roll-outs draw prompts themselves (dynamic sampling
+    may take several batches per step), so `next` yields nothing and the state is the loader's."""
+
+    def __init__(self, it):
+        self.it = it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return None
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, s):
+        self.it.set_state(s)
