@@ -26,7 +26,7 @@ setup(
         "scikit-learn>=1.4,<2",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "transformers>=4.45,<6", "torch>=2.4,<3"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "hypothesis>=6.100,<7", "transformers>=4.45,<6", "torch>=2.4,<3"],
         "bench": ["pytest-benchmark>=4"],
         "cuda": ["jax[cuda12]>=0.10,<0.11"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],

@@ -57,7 +57,6 @@ LOOP_MODULES = {
     "rl": "kljax.train.rl",
     "distill": "kljax.train.distill",
     "qsharp": "kljax.train.qsharp",
-    "dpo": "kljax.train.dpo",
     "preference": "kljax.train.preference",
     "pipeline": "kljax.train.pipeline",
 }
