@@ -15,8 +15,22 @@ Args (comma-separated; add `smoke` for a few steps with a tiny model on 1-digit 
                     --config.init_from=runs/ar/pretrain
   main          pipeline: pretrain, then grpo, dapo, reinforce_pp and rpg_ufkl from it; results table.
 
-Measured: only the smoke variants have been run so far (`main,smoke`, pretrain + dapo on 1-digit sums,
-about 1-2 min under load); the full-size times and accuracies are not measured yet.
+Measured (`python -m kljax.main --config=experiments/arithmetic.py:main --workdir=runs/ar`, this 2-core
+CPU while the test suite ran on the other core: 3 min 54 s wall in all; greedy exact-match accuracy on
+500 test sums; KL = exact KL(π‖π_ref) per generated token):
+
+| stage        | accuracy | reward | KL to ref | wall (s) |
+|--------------|----------|--------|-----------|----------|
+| pretrain     | 0.034    | 0.131  | —         | 50       |
+| grpo         | 0.020    | 0.118  | 0.145     | 28       |
+| dapo         | 0.014    | 0.113  | 0.353     | 35       |
+| reinforce_pp | 0.028    | 0.125  | 0.092     | 23       |
+| rpg_ufkl     | 0.004    | 0.103  | 0.485     | 23       |
+
+Honest reading: 300 SFT steps leave the model at 3% exact answers, too rare a success for 60 roll-outs
+of 16 prompts × 8 samples to build on; every RL variant moves away from the reference (KL 0.09-0.49)
+without improving accuracy. A longer pretraining (or easier sums, `task.num_digits=2`) is the next
+thing to try; not tuned here.
 """
 from __future__ import annotations
 

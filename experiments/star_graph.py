@@ -19,7 +19,8 @@ Args (comma-separated; add `smoke` for a few steps with a tiny model on a tiny g
   ,small     (with pretrain or an RL arg) use G(2,3,20) instead of G(2,5,50).
 
 Main job (`python -m kljax.main`, G(2,3,20), fresh ~/.cache data dir so graph generation included):
-3 min 9 s wall on this 2-core CPU while other jobs ran (load average 6-8). Result (1000 test graphs):
+3 min 9 s wall on this 2-core CPU while other jobs ran (load average 6-8); 3 min 3 s on the idle machine with
+the data cached. Result (512 test graphs):
   | stage    | method             | path accuracy (greedy) | KL to ref (nats/token) | wall (s) |
   | pretrain | SFT                | 0.510                  | —                      | 106      |
   | grpo     | GRPO β=0.04        | 0.482                  | 0.134                  | 28       |

@@ -10,7 +10,7 @@ resumes from the workdir's latest checkpoint; a workdir holding a different conf
 Config errors are reported before anything is compiled.
 
 Examples:
-  python -m kljax.main                                            # the main job (~10 min on 2 CPU cores)
+  python -m kljax.main                                            # the main job (~3 min on 2 CPU cores)
   python -m kljax.main --config=experiments/star_graph.py:pretrain --workdir=runs/sg/pretrain
   python -m kljax.main --config=experiments/star_graph.py:grpo --workdir=runs/sg/grpo \\
       --config.init_from=runs/sg/pretrain
