@@ -195,6 +195,8 @@ def _check_prompts(prompts, prompt_valid):
         raise ValueError("prompts has no slots (P = 0); every row needs at least one real token")
     if isinstance(prompt_valid, jax.core.Tracer):
         return  # inside the caller's jit: the layout cannot be inspected
+    if isinstance(prompt_valid, jax.Array) and not prompt_valid.is_fully_addressable:
+        return  # spans other processes' devices: each process checked its own rows when loading
     v = np.asarray(prompt_valid).astype(np.int32)
     if not np.all(v[:, -1] == 1):
         bad = np.nonzero(v[:, -1] != 1)[0].tolist()

@@ -134,3 +134,30 @@ def test_launcher_sets_env_and_stops_the_others_when_one_fails(tmp_path):
     assert envs[0]["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] == "gloo"
     assert envs[0]["XLA_FLAGS"].split().count("--xla_force_host_platform_device_count=3") == 1
     assert "device_count=8" not in envs[0]["XLA_FLAGS"]
+
+
+def _losses(workdir):
+    from kljax.train.metrics import read_metrics
+    return {r["step"]: r["loss"] for r in read_metrics(str(workdir)) if "loss" in r}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_main_sft_on_two_processes_matches_one_process(tmp_path):
+    """The real entry point, not a toy: `kljax.main` started by the launcher on 2 processes × 4 devices
+    trains and evaluates exactly like one process with 8 devices (same global batches, same losses)."""
+    config = "--config=experiments/star_graph.py:pretrain,smoke"
+    env = dict(os.environ, XLA_FLAGS="", KLJAX_DATA_DIR=str(tmp_path / "data"))
+    one = subprocess.run([sys.executable, "-m", "kljax.main", "--host_devices=8", config,
+                          f"--workdir={tmp_path / 'one'}"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "launch/local_multiprocess.py", "--num_processes", "2",
+                          "--devices_per_process", "4", "--", "-m", "kljax.main", config,
+                          f"--workdir={tmp_path / 'two'}"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) >= 2
+    np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)], rtol=1e-5)
+    assert (tmp_path / "two" / "eval.json").exists()

@@ -317,6 +317,16 @@ def _place(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh | None):
     return shd.shard_batch(dict(batch), mesh)
 
 
+def _to_host(x, rows: int) -> np.ndarray:
+    """A device array as numpy, first `rows` rows. Across processes every process placed the same
+    evaluation batch as its local share, so the gathered global array holds `process_count` copies
+    and the first `rows` rows are this batch."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)[:rows]
+
+
 def evaluate_generation(model: nnx.Module, task: task_base.SequenceTask, records: Mapping[str, np.ndarray],
                         key: jax.Array, *, batch_size: int = 128, temperature: float = 0.0, pass_k: int = 0,
                         pass_k_temperature: float = 1.0, max_new_tokens: int = 0, ref_model: nnx.Module | None = None,
@@ -347,19 +357,20 @@ def evaluate_generation(model: nnx.Module, task: task_base.SequenceTask, records
         dev = _place({"prompt": batch["prompt"], "prompt_valid": batch["prompt_valid"]}, mesh)
         out = generate(model, dev["prompt"], dev["prompt_valid"], k, n_new, task.eos_id,
                        temperature=float(temperature), logits_processor=logits_processor, pad_id=task.pad_id)
-        toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
+        rows = len(batch["prompt"])
+        toks, mask = _to_host(out.tokens, rows), _to_host(out.mask, rows)
         sl = slice(0, real)
         ok = task_base.exact_match(toks, mask, batch["target"], batch["target_valid"], task.eos_id)[sl]
         reward = np.asarray(task.reward(toks, mask, batch))[sl]
         valid = jnp.concatenate([dev["prompt_valid"], out.mask], axis=1)
         logits = model_logits(model, out.sequences, valid, P)
-        ent = np.asarray(ops.entropy(logits))
+        ent = _to_host(ops.entropy(logits), rows)
         m = mask.astype(np.float64)
         sums["entropy"] += float((ent * m)[sl].sum())
         if ref_model is not None:
             ref_logits = model_logits(ref_model, out.sequences, valid, P)
             from kljax import divergences
-            kl = np.asarray(divergences.kl(logits, ref_logits))
+            kl = _to_host(divergences.kl(logits, ref_logits), rows)
             sums["kl"] += float((kl * m)[sl].sum())
         sums["tokens"] += float(m[sl].sum())
         sums["length"] += float(m[sl].sum())
@@ -371,7 +382,7 @@ def evaluate_generation(model: nnx.Module, task: task_base.SequenceTask, records
                 o = generate(model, dev["prompt"], dev["prompt_valid"], jax.random.fold_in(k, 1000 + j), n_new,
                              task.eos_id, temperature=float(pass_k_temperature), logits_processor=logits_processor,
                              pad_id=task.pad_id)
-                hit |= task_base.exact_match(np.asarray(o.tokens), np.asarray(o.mask), batch["target"],
+                hit |= task_base.exact_match(_to_host(o.tokens, rows), _to_host(o.mask, rows), batch["target"],
                                              batch["target_valid"], task.eos_id)[sl]
             sums["passk"] += float(hit.sum())
         count += real
