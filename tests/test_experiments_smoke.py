@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from kljax.config import ConfigError
 from kljax.train import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,4 +62,7 @@ def test_every_smoke_arg_validates(spec, tmp_path):
     if cfg.loop == "rl":  # standalone RL args need --config.init_from (not checked on disk here)
         with cfg.unlocked():
             cfg.init_from = str(tmp_path / "pretrain")
-    common.validate(cfg, check_paths=False)
+    try:
+        common.validate(cfg, check_paths=False)
+    except ConfigError as e:
+        pytest.fail(f"{spec}: valid smoke config refused: {e}")

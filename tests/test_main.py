@@ -34,9 +34,17 @@ def pretrained(tmp_path):
     return str(d)
 
 
+def assert_valid(cfg, **kwargs):
+    """Fail with the validator's own message if a config that should be accepted is refused."""
+    try:
+        common.validate(cfg, **kwargs)
+    except ConfigError as e:
+        pytest.fail(f"valid config refused: {e}")
+
+
 def test_valid_smoke_configs_pass(tmp_path, pretrained):
-    common.validate(_cfg("pretrain,smoke", tmp_path))
-    common.validate(_cfg("grpo,smoke", tmp_path, init_from=pretrained))
+    assert_valid(_cfg("pretrain,smoke", tmp_path))
+    assert_valid(_cfg("grpo,smoke", tmp_path, init_from=pretrained))
 
 
 @pytest.mark.parametrize("field,value,needle", [
@@ -62,7 +70,7 @@ def test_config_errors_name_the_field(tmp_path, pretrained, field, value, needle
 
 
 def test_group_size_one_allowed_without_group_baseline(tmp_path, pretrained):
-    common.validate(_cfg("grpo,smoke", tmp_path, init_from=pretrained, **{"rl.group_size": 1,
+    assert_valid(_cfg("grpo,smoke", tmp_path, init_from=pretrained, **{"rl.group_size": 1,
                                                                           "rl.minibatch_size": 8,
                                                                           "rl.prompts_per_step": 8,
                                                                           "rl.advantage": "batch"}))

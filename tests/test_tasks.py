@@ -36,7 +36,7 @@ def _star(**kw):
     return tasks.get("star_graph", **kw)
 
 
-def _check_graph(edges, source, goal, path, degree, path_len, num_nodes):
+def _assert_star_graph(edges, source, goal, path, degree, path_len, num_nodes):
     edges = [tuple(e) for e in np.asarray(edges).tolist()]
     assert len(edges) == degree * (path_len - 1)
     nodes = {n for e in edges for n in e}
@@ -68,7 +68,7 @@ def test_star_graph_generator_structure(degree, path_len, num_nodes):
     rng = np.random.default_rng(1)
     for _ in range(50):
         edges, s, g, path = sg_mod.sample_star_graph(rng, degree, path_len, num_nodes)
-        _check_graph(edges, s, g, path, degree, path_len, num_nodes)
+        _assert_star_graph(edges, s, g, path, degree, path_len, num_nodes)
 
 
 def test_star_graph_serialization_matches_bachmann_nagarajan_format():
@@ -91,7 +91,7 @@ def test_star_graph_records_hold_a_true_path():
             edges, s, g = task.parse_prompt(rec["prompt"], rec["prompt_valid"])
             path = rec["target"][rec["target_valid"] > 0].tolist()
             assert path[-1] == task.eos_id
-            _check_graph(edges, s, g, path[:-1], 3, 4, 20)
+            _assert_star_graph(edges, s, g, path[:-1], 3, 4, 20)
 
 
 def test_star_graph_reverse_writes_goal_first():
