@@ -66,3 +66,4 @@ def test_every_smoke_arg_validates(spec, tmp_path):
         common.validate(cfg, check_paths=False)
     except ConfigError as e:
         pytest.fail(f"{spec}: valid smoke config refused: {e}")
+    assert cfg.loop in common.LOOP_MODULES
