@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from kljax.train.common import base_config
+from kljax.train.common import base_config, rl_base_config
 
 RL_VARIANTS = {
     "reinforce": dict(name="reinforce", beta=0.01, kl_estimator="k1", kl_in="reward"),
@@ -104,23 +104,12 @@ def pretrain_config(smoke: bool = False, small: bool = False) -> ml_collections.
 
 
 def rl_config(variant: str, smoke: bool = False, small: bool = False) -> ml_collections.ConfigDict:
-    c = base_config("rl")
-    c.objective = ml_collections.ConfigDict(RL_VARIANTS[variant])
-    c.rl = ml_collections.ConfigDict(dict(
-        group_size=8, prompts_per_step=16, updates_per_rollout=1, minibatch_size=64, temperature=1.0, top_k=0,
-        top_p=1.0, max_new_tokens=0, advantage="objective", reference="fixed", reset_every=0,
-        dynamic_sampling=False, max_sampling_rounds=4, teacher_from=""))
-    if variant == "rpg_ufkl_reset":
-        c.rl.reference, c.rl.reset_every = "reset", 25
-    if variant == "dapo":
-        c.rl.dynamic_sampling = True
-    c.optim.learning_rate = 3e-4
-    c.optim.warmup_steps = 5
-    c.optim.schedule = "constant"
+    reset = variant == "rpg_ufkl_reset"
+    c = rl_base_config(RL_VARIANTS[variant], reference="reset" if reset else "fixed",
+                       reset_every=25 if reset else 0, dynamic_sampling=variant == "dapo")
     c.total_steps = 100
     c.eval_every = 50
     c.checkpoint.every = 50
-    c.checkpoint.best_metric = "eval/accuracy"
     c.eval.pass_k = 0
     _common(c, smoke, small)
     if smoke:

@@ -650,6 +650,23 @@ def base_config(loop: str = "sft") -> ml_collections.ConfigDict:
     return c
 
 
+def rl_base_config(objective: Mapping[str, Any], *, reference: str = "fixed", reset_every: int = 0,
+                   dynamic_sampling: bool = False) -> ml_collections.ConfigDict:
+    """`base_config("rl")` with an `objective` block, the `rl` block at its defaults and the optimizer
+    RL experiments share (constant 3e-4 after 5 warm-up steps, best checkpoint by eval accuracy)."""
+    c = base_config("rl")
+    c.objective = ml_collections.ConfigDict(dict(objective))
+    c.rl = ml_collections.ConfigDict(dict(
+        group_size=8, prompts_per_step=16, updates_per_rollout=1, minibatch_size=64, temperature=1.0, top_k=0,
+        top_p=1.0, max_new_tokens=0, advantage="objective", reference=reference, reset_every=reset_every,
+        dynamic_sampling=dynamic_sampling, max_sampling_rounds=4, teacher_from=""))
+    c.optim.learning_rate = 3e-4
+    c.optim.warmup_steps = 5
+    c.optim.schedule = "constant"
+    c.checkpoint.best_metric = "eval/accuracy"
+    return c
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """`get_config(arg)` of an experiment file given as "path/to/file.py[:arg]" (as --config takes)."""
     import importlib.util
