@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from kljax.train.common import base_config, rl_base_config
+from kljax.config import base_config, rl_base_config
 
 RL_VARIANTS = {
     "grpo": dict(name="grpo", beta=0.04, kl_estimator="k3", kl_in="loss", clip_eps_low=0.2),

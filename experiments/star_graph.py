@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from kljax.train.common import base_config, rl_base_config
+from kljax.config import base_config, rl_base_config
 
 RL_VARIANTS = {
     "reinforce": dict(name="reinforce", beta=0.01, kl_estimator="k1", kl_in="reward"),

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from kljax.train.common import base_config
+from kljax.config import base_config
 
 
 def _task(smoke: bool, small: bool) -> ml_collections.ConfigDict:

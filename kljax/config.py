@@ -92,3 +92,51 @@ def config_diff(old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
 def matches_any(field: str, patterns: Iterable[str]) -> bool:
     """Whether the dotted `field` matches one of the fnmatch `patterns` (e.g. "*.total_steps")."""
     return any(fnmatch.fnmatchcase(field, p) for p in patterns)
+
+
+# ----------------------------------------------------------------------------------------------
+# Base configs that experiment files build on (experiments import these, never kljax.train)
+
+
+def base_config(loop: str = "sft") -> ml_collections.ConfigDict:
+    """A config with every common field at its default (experiments override what they need).
+
+    Loop-specific sub-configs (`objective`, `rl`, `distill`, `qsharp`, `stages`) are added by the
+    experiment. Call `.lock()` on the result so a misspelt `--config.field` is an error.
+    """
+    c = ml_collections.ConfigDict()
+    c.loop = loop
+    c.seed = 0
+    c.task = ml_collections.ConfigDict(dict(name="star_graph", data_dir=""))
+    from kljax.models.transformer import lm_config  # models import config helpers, not the reverse
+    c.model = lm_config(vocab_size=0, max_len=0, width=64, depth=3, num_heads=4)
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.optim = ml_collections.ConfigDict(dict(name="adamw", learning_rate=1e-3, warmup_steps=50, schedule="cosine",
+                                             weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.95, end_lr_ratio=0.0))
+    c.total_steps = 500
+    c.batch_size = 128
+    c.log_every = 10
+    c.eval_every = 0
+    c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=2, best_metric="", best_mode="max",
+                                                  async_save=True))
+    c.eval = ml_collections.ConfigDict(dict(num_examples=512, batch_size=128, temperature=0.0, pass_k=0,
+                                            pass_k_temperature=1.0, max_new_tokens=0))
+    c.init_from = ""
+    return c
+
+
+def rl_base_config(objective: Mapping[str, Any], *, reference: str = "fixed", reset_every: int = 0,
+                   dynamic_sampling: bool = False) -> ml_collections.ConfigDict:
+    """`base_config("rl")` with an `objective` block, the `rl` block at its defaults and the optimizer
+    RL experiments share (constant 3e-4 after 5 warm-up steps, best checkpoint by eval accuracy)."""
+    c = base_config("rl")
+    c.objective = ml_collections.ConfigDict(dict(objective))
+    c.rl = ml_collections.ConfigDict(dict(
+        group_size=8, prompts_per_step=16, updates_per_rollout=1, minibatch_size=64, temperature=1.0, top_k=0,
+        top_p=1.0, max_new_tokens=0, advantage="objective", reference=reference, reset_every=reset_every,
+        dynamic_sampling=dynamic_sampling, max_sampling_rounds=4, teacher_from=""))
+    c.optim.learning_rate = 3e-4
+    c.optim.warmup_steps = 5
+    c.optim.schedule = "constant"
+    c.checkpoint.best_metric = "eval/accuracy"
+    return c

@@ -139,7 +139,7 @@ def test_collect_pairs_rejected_fail_and_chosen_is_target(models):
 
 
 def _cfg(tmp_path, loop="qsharp", **over):
-    from kljax.train.common import base_config
+    from kljax.config import base_config
     c = base_config(loop)
     c.task = ml_collections.ConfigDict(dict(name="star_graph", degree=2, path_len=3, num_nodes=8, train_size=64,
                                             test_size=8, data_dir=str(tmp_path / "data")))
