@@ -58,6 +58,7 @@ def main(argv):
     from kljax.train import sharding
     sharding.initialize_distributed_from_env()
     from kljax.config import ConfigError
+    from kljax.tasks.rewards import RewardError
     from kljax.train import checkpoint, common
 
     cfg = _CONFIG.value
@@ -77,6 +78,9 @@ def main(argv):
         _fail(str(e))
     except ConfigError as e:
         _fail(str(e))
+    except RewardError as e:  # a user's reward function failed: name it, the step and the prompt
+        _fail(f"{e}\nNothing written is lost: rerun the same command after fixing the reward to resume from the "
+              "latest checkpoint.")
     if cfg.loop != "pipeline" and result:
         keys = [k for k in result if k.startswith("eval/")]
         print("final evaluation: " + ", ".join(f"{k}={result[k]:.4g}" for k in keys), flush=True)
