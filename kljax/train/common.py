@@ -694,9 +694,24 @@ def loop_module(cfg: Any):
             from None
 
 
+# Loops that run as the same program on every process (a pipeline's stages are checked one by one).
+MULTI_PROCESS_LOOPS = frozenset({"sft", "pipeline"})
+
+
+def check_process_count(cfg: Any) -> None:
+    """Refuse, before anything runs, a loop that gathers its roll-outs on one host in a multi-process run."""
+    n = jax.process_count()
+    if n > 1 and cfg.loop not in MULTI_PROCESS_LOOPS:
+        raise ConfigError(
+            f"config field `loop` = {cfg.loop!r} runs in one process only, and this run has {n} processes "
+            f"(its roll-outs are still gathered on one host). Run it as one process that sees all devices "
+            f"(on CPU: --host_devices=N), or use a loop that runs on several: {sorted(MULTI_PROCESS_LOOPS - {'pipeline'})}.")
+
+
 def validate(cfg: Any, check_paths: bool = True) -> None:
     """All config checks of `cfg.loop` (run by `kljax.main` before anything is compiled)."""
     mod = loop_module(cfg)
+    check_process_count(cfg)
     import inspect
     if hasattr(mod, "validate"):
         if "check_paths" in inspect.signature(mod.validate).parameters:
