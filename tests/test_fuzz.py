@@ -569,6 +569,74 @@ def test_encode_prompts_valid_or_clear_error(name, data_):
     CASES[f"data/prompts/{name}"] += 1
 
 
+@pytest.fixture(scope="module")
+def files_tasks(tmp_path_factory):
+    """The `files` task on a user's JSONL with a byte-level BPE tokenizer (Qwen2-style: no BOS,
+    EOS = <|im_end|>, PAD = <|endoftext|>), with both over-budget policies and the chat template."""
+    import json
+
+    import hf_fixtures as hfx
+    root = tmp_path_factory.mktemp("files")
+    hfx.train_tokenizer(root / "tok", "qwen2")
+    train = root / "train.jsonl"
+    train.write_text("\n".join(json.dumps({"prompt": "what is 1 plus 2?", "answer": "3"}) for _ in range(2)))
+    kw = dict(train_files=str(train), tokenizer_path=str(root / "tok"), answer_key="answer",
+              prompt_len=8, completion_len=6)
+    return {"drop": tasks.get("files", **kw), "error": tasks.get("files", too_long="error", **kw),
+            "chat": tasks.get("files", chat_template=True, **dict(kw, prompt_len=24))}
+
+
+@FUZZ
+@given(data_=st.data())
+def test_files_task_prompts_valid_or_clear_error(files_tasks, data_):
+    """User rows with unicode, empty or missing prompts, prompts of exactly prompt_len tokens and one
+    more, EOS/PAD strings inside, over-long answers: a correct record, a counted drop, or a ValueError
+    naming the file row and the problem."""
+    mode = data_.draw(st.sampled_from(["drop", "error", "chat"]))
+    task = files_tasks[mode]
+    tok = task.tokenizer
+    kind = data_.draw(st.sampled_from(["text", "empty", "none", "exact", "over", "special"]))
+    if kind == "text":
+        prompt = data_.draw(st.text(max_size=10))
+    elif kind == "empty":
+        prompt = ""
+    elif kind == "none":
+        prompt = None
+    elif kind in ("exact", "over"):  # one token per digit with this pre-tokenizer
+        prompt = "7" * (task.prompt_len + (kind == "over"))
+    else:
+        prompt = "1 " + data_.draw(st.sampled_from(["<|im_end|>", "<|endoftext|>"])) + " 2"
+    answer = data_.draw(st.one_of(st.text(max_size=6), st.just("12345678")))
+    try:
+        recs = [r for _, r in task.generate("train", [{"prompt": prompt, "answer": answer}])]
+    except ValueError as e:
+        msg = str(e)
+        assert "row" in msg and ("no tokens" in msg or "empty" in msg or "_len" in msg), msg
+        if "prompt_len" in msg:
+            assert mode == "error"
+        elif "completion_len" in msg:
+            assert mode == "error"
+        else:  # a missing prompt; or no tokens at all (no BOS with this tokenizer, no template)
+            assert kind == "none" or (kind in ("empty", "text") and mode != "chat"), msg
+        CASES["data/files"] += 1
+        return
+    assert kind != "none" and (kind != "empty" or mode == "chat"), f"{kind} prompt accepted"
+    want = task.prompt_ids(prompt)
+    ans = task.completion_ids(answer)
+    fits = len(want) <= task.prompt_len and len(ans) <= task.completion_len
+    assert len(recs) == (1 if fits else 0)  # over budget: dropped (with "error" it raised above)
+    if kind == "exact" and len(ans) <= task.completion_len:
+        assert len(recs) == 1 and recs[0]["prompt_valid"].all()
+    for r in recs:
+        v = r["prompt_valid"]
+        assert v[-1] == 1 and np.all(np.diff(v) >= 0)  # left-padded: the sampler accepts it
+        assert r["prompt"][v > 0].tolist() == want
+        assert r["target"][r["target_valid"] > 0].tolist() == ans
+    if kind == "special" and recs:
+        assert {tok.eos_id, tok.pad_id} & set(want)  # kept as the special token, not refused
+    CASES["data/files"] += 1
+
+
 @pytest.mark.parametrize("bad", ["1+2=", b"1+2="])
 def test_encode_prompts_refuses_a_single_string(bad):
     with pytest.raises(TypeError, match="list of prompt strings"):
@@ -739,3 +807,11 @@ def test_encode_prompts_refuses_empty_prompts_and_special_tokens(text, word):
     "prompt_valid[:, -1] must be 1"; EOS/PAD inside a prompt were accepted silently."""
     with pytest.raises(ValueError, match=f"prompt 1 .*{word}"):
         TASKS["arithmetic"].encode_prompts(["1+2=", text])
+
+
+@pytest.mark.parametrize("prompt,word", [("", "no tokens"), (None, "empty prompt")])
+def test_files_task_refuses_an_empty_prompt_naming_the_row(files_tasks, prompt, word):
+    """An empty prompt (no BOS, no template) became an all-padding record that the sampler refused
+    mid-run; a missing one raised "empty prompt" without saying where."""
+    with pytest.raises(ValueError, match=f"train.jsonl row 1: .*{word}"):
+        list(files_tasks["drop"].generate("train", [{"prompt": prompt, "answer": "3"}]))

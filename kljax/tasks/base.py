@@ -389,8 +389,9 @@ class SequenceTask(Task):
 
         ``ValueError`` (naming the prompt) for: a prompt longer than ``prompt_len`` (nothing is
         truncated; exactly ``prompt_len`` tokens is fine), an empty prompt (the sampler continues
-        the last prompt token, so there must be one), a prompt containing the EOS or PAD token (a
-        prompt never holds them: EOS ends a sequence, PAD is not a token the model reads), a symbol
+        the last prompt token, so there must be one), with a symbol vocabulary a prompt containing the EOS
+        or PAD token (a prompt never holds them: EOS ends a sequence, PAD is not a token the model
+        reads; a Hugging Face chat template may put its EOS in a prompt, so that is allowed), a symbol
         outside the vocabulary, or no prompts at all. A single string is a ``TypeError`` (it would
         be read as one prompt per character).
         """
@@ -400,7 +401,9 @@ class SequenceTask(Task):
         texts = list(texts)
         if not texts:
             raise ValueError("texts is empty: encode_prompts needs at least one prompt")
-        forbidden = {self.eos_id: EOS, self.pad_id: PAD}
+        # Symbol vocabularies: a prompt never holds EOS or PAD. (A Hugging Face tokenizer's prompts may:
+        # a chat template's end-of-turn token is often the EOS.)
+        forbidden = {self.eos_id: EOS, self.pad_id: PAD} if isinstance(self.tokenizer, SymbolTokenizer) else {}
         rows = []
         for i, text in enumerate(texts):
             try:
