@@ -102,7 +102,7 @@ def test_rl_runs_end_to_end(pretrained, variant, extra, monkeypatch):
     result = rl.run(cfg, wd)
     for k in ("eval/accuracy", "eval/kl", "eval/entropy", "eval/pass@2", "eval/completions/mean_length"):
         assert k in result and np.isfinite(result[k])
-    assert result["eval/kl"] >= 0
+    assert result["eval/kl"] >= -1e-6  # exact KL, non-negative up to float32 rounding
     recs = metrics.read_metrics(wd)
     assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3]
     for name in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "entropy",
