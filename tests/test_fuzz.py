@@ -196,7 +196,9 @@ def _policy_batch(logits, d):
 
 
 def _policy_runner(name, variants):
-    """One jitted program: value, metrics and d/dlogits for every (label, hparams) variant."""
+    """One jitted program: value and metrics of every (label, hparams) variant, and d/dlogits of
+    their sum (a NaN or inf in any variant's gradient makes the sum's non-finite too, and one
+    backward pass compiles much faster than one per variant; ``_variant_grads`` names the culprit)."""
     f = objectives.get(name)
 
     def one(logits, d, hp):
@@ -205,24 +207,39 @@ def _policy_runner(name, variants):
             batch["v_star"] = d["v_star"]
         return f(batch, **hp)
 
+    def total(logits, d):
+        out, tot = {}, 0.0
+        for label, hp in variants.items():
+            loss, metrics = one(logits, d, hp)
+            out[label] = {"loss": loss, "metrics": metrics}
+            tot = tot + loss
+        return tot, out
+
     @_jit
     def run(logits, d):
-        out = {}
-        for label, hp in variants.items():
-            (loss, metrics), g = jax.value_and_grad(one, has_aux=True)(logits, d, hp)
-            out[label] = {"loss": loss, "metrics": metrics, "grad": g}
+        (_, out), g = jax.value_and_grad(total, has_aux=True)(logits, d)
+        out["sum"] = {"grad": g}
         return out
 
+    run.one = one
+    run.variants = variants
     return run
 
 
-def _check_policy_result(res, mask):
+def _variant_grads(run, logits, d):
+    """Per-variant gradients, eagerly: only to name the variant when the summed gradient is bad."""
+    return {label: _finite_tree(jax.grad(lambda x: run.one(x, d, hp)[0])(logits))
+            for label, hp in run.variants.items()}
+
+
+def _check_policy_result(run, logits, d):
+    res = run(logits, d)
     bad = _finite_tree(res)
+    if bad and any("grad" in b for b in bad):
+        bad.append(f"per-variant gradients: {_variant_grads(run, logits, d)}")
     assert not bad, f"non-finite: {bad}"
-    masked = np.asarray(mask) == 0
-    for label, r in res.items():
-        g = np.asarray(r["grad"])
-        assert np.all(g[masked] == 0.0), f"{label}: gradient at masked positions"
+    masked = np.asarray(d["mask"]) == 0
+    assert np.all(np.asarray(res["sum"]["grad"])[masked] == 0.0), "gradient at masked positions"
 
 
 def _policy_variants(name):
@@ -249,7 +266,7 @@ def _runner(key, make):
 def test_policy_objective_finite(name, case):
     run = _runner(("policy", name), lambda: _policy_runner(name, _policy_variants(name)))
     d = {k: v for k, v in case.items() if k != "logits"}
-    _check_policy_result(run(case["logits"], d), case["mask"])
+    _check_policy_result(run, case["logits"], d)
     CASES[f"policy/{name}"] += 1
 
 
@@ -273,7 +290,7 @@ def test_every_kl_placement_finite(name, case):
     variants = {k: dict(v, beta=0.5, group_size=G) for k, v in KL_GRIDS[name].items()}
     run = _runner(("grid", name), lambda: _policy_runner(name, variants))
     d = {k: v for k, v in case.items() if k != "logits"}
-    _check_policy_result(run(case["logits"], d), case["mask"])
+    _check_policy_result(run, case["logits"], d)
     CASES[f"kl_grid/{name}"] += 1
 
 
