@@ -69,6 +69,7 @@ def main(argv):
     from kljax.train import sharding
     sharding.initialize_distributed_from_env()
     from kljax.config import ConfigError
+    from kljax.tasks.rewards import RewardError
     from kljax.train import checkpoint, common, metrics
 
     plan = _PLAN
@@ -112,6 +113,9 @@ def main(argv):
         _fail(f"cannot write {where}: {e.strerror or e}. The run stopped; its last complete checkpoint in "
               f"{workdir}/checkpoints is intact. Free space (or fix the path) and rerun the same command to resume.",
               cli.EXIT_IO)
+    except RewardError as e:  # a user's reward function failed: name it, the step and the prompt
+        _fail(f"{e}\nNothing written is lost: rerun the same command after fixing the reward to resume from the "
+              "latest checkpoint.")
     if cfg.loop != "pipeline" and result:
         keys = [k for k in result if k.startswith("eval/")]
         print("final evaluation: " + ", ".join(f"{k}={result[k]:.4g}" for k in keys), flush=True)

@@ -110,9 +110,6 @@ def test_two_processes_match_one_process(tmp_path):
     assert not np.allclose(got["up/kernel"], np.asarray(init.params["up"]["kernel"]))  # training moved it
 
 
-if __name__ == "__main__":
-    worker(sys.argv[1])
-
 
 @pytest.mark.multiprocess
 def test_launcher_sets_env_and_stops_the_others_when_one_fails(tmp_path):
@@ -125,7 +122,8 @@ def test_launcher_sets_env_and_stops_the_others_when_one_fails(tmp_path):
         import local_multiprocess as lm
     finally:
         sys.path.pop(0)
-    rc = lm.launch(["-c", script, str(tmp_path / "env")], num_processes=2, devices_per_process=3, timeout=60)
+    rc = lm.launch(["-c", script, str(tmp_path / "env")], num_processes=2, devices_per_process=3, timeout=60,
+                   grace=1)
     assert rc == 3  # process 1's status; process 0 (sleeping 120 s) was stopped
     import json
     envs = [json.load(open(tmp_path / f"env{i}")) for i in range(2)]
@@ -161,3 +159,47 @@ def test_main_sft_on_two_processes_matches_one_process(tmp_path):
     assert a.keys() == b.keys() and len(a) >= 2
     np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)], rtol=1e-5)
     assert (tmp_path / "two" / "eval.json").exists()
+
+
+_LOSE_A_PROCESS = """
+import os, signal, time
+from jax.experimental import multihost_utils
+from kljax.train import sharding as shd
+pid, _ = shd.initialize_distributed_from_env()
+multihost_utils.sync_global_devices("all up")
+if pid == 1:
+    os.kill(os.getpid(), signal.SIGKILL)
+time.sleep(300)  # process 0 idles: only the cluster's heartbeat check can stop it in time
+"""
+
+
+@pytest.mark.multiprocess
+def test_a_killed_process_stops_the_others_and_the_launcher_names_it(tmp_path):
+    env = dict(os.environ, KLJAX_HEARTBEAT_TIMEOUT="5")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "local_multiprocess.py"), "--num_processes",
+                           "2", "--devices_per_process", "1", "--grace", "60", "--log_dir", str(tmp_path), "--",
+                           "-c", _LOSE_A_PROCESS], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 128 + 9, proc.stderr  # the lost process's status, as a shell reports SIGKILL
+    assert "process 1 of 2 was killed by SIGKILL" in proc.stderr
+    # Process 0 was not stopped by the launcher (SIGTERM, 143) but aborted by JAX, naming the lost task.
+    assert "process 0: 134" in proc.stderr, proc.stderr
+    log0 = open(tmp_path / "process_0.log").read()
+    assert "stopped sending heartbeats" in log0 and "\n1\n" in log0, log0[-2000:]
+
+
+def test_a_single_process_loop_is_refused_on_several_processes(monkeypatch):
+    from kljax.config import ConfigError
+    from kljax.train import common
+
+    cfg = common.load_config_file(os.path.join(REPO, "experiments", "star_graph.py") + ":grpo,smoke")
+    cfg.init_from = str(REPO)  # any path: paths are not checked here
+    common.validate(cfg, check_paths=False)  # valid in one process
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"`loop` = 'rl' runs in one process only.*2 processes.*--host_devices"):
+        common.validate(cfg, check_paths=False)
+    sft = common.load_config_file(os.path.join(REPO, "experiments", "star_graph.py") + ":pretrain,smoke")
+    common.check_process_count(sft)  # SFT runs on several processes
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])

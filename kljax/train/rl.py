@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 from typing import Any
 
 import flax.struct
@@ -36,6 +37,7 @@ from kljax import objectives, ops
 from kljax.config import ConfigError, require
 from kljax.objectives import advantages as adv_lib
 from kljax.sampling import generate
+from kljax.tasks.rewards import RewardError
 from kljax.train import common, sharding as shd, state as state_lib
 
 ADVANTAGES = ("objective", "group_mean_std", "group_mean", "leave_one_out", "batch")
@@ -103,11 +105,11 @@ def validate(cfg: Any, check_paths: bool = True) -> None:
                   default="fixed")
     if ref == "reset":
         require(cfg, "rl.reset_every", lambda v: int(v) >= 1, "reset the reference every K >= 1 roll-outs.")
-    if not cfg.get("init_from", ""):
+    if not cfg.get("init_from", "") and not common.hf_path(cfg):
         raise ConfigError("config field `init_from` is empty: loop 'rl' starts from a pretrained model, which is "
                           "also the reference; set --config.init_from=<workdir of an sft run> (e.g. the "
-                          "experiment's `pretrain` arg).")
-    if check_paths:  # a pipeline's later stages point at runs that do not exist yet
+                          "experiment's `pretrain` arg) or --config.model.hf_path=<Hugging Face folder>.")
+    if check_paths and cfg.get("init_from", ""):  # a pipeline's later stages point at runs that do not exist yet
         common.check_run_exists(cfg.init_from, "init_from")
         if r.get("teacher_from", ""):
             common.check_run_exists(r.teacher_from, "rl.teacher_from")
@@ -206,7 +208,8 @@ def run(cfg: Any, workdir: str) -> dict:
         if "total_steps" not in sched_cfg.optim:
             sched_cfg.optim.total_steps = int(cfg.total_steps) * updates_per_step(cfg)
     ts = common.create_state(sched_cfg, mesh, task)
-    ts = common.init_params_from(ts, cfg.init_from, mesh)
+    if cfg.get("init_from", ""):  # else the model.hf_path checkpoint's params (also the reference)
+        ts = common.init_params_from(ts, cfg.init_from, mesh)
     ref_params = jax.tree.map(lambda x: x.copy(), ts.params)
     teacher = None
     if r.get("teacher_from", ""):
@@ -230,13 +233,19 @@ def run(cfg: Any, workdir: str) -> dict:
     sample_kw = dict(temperature=float(r.get("temperature", 1.0)), top_k=int(r.get("top_k", 0)),
                      top_p=float(r.get("top_p", 1.0)))
 
+    reward_stats: dict = {}
+
     def rollout(model, batch, key):
         rep = _repeat(batch, G)
         dev = shd.shard_batch({"prompt": rep["prompt"], "prompt_valid": rep["prompt_valid"]}, mesh)
         out = generate(model, dev["prompt"], dev["prompt_valid"], key, n_new, task.eos_id, pad_id=task.pad_id,
                        **sample_kw)
         toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
+        t0 = time.perf_counter()
         rewards = np.asarray(task.reward(toks, mask, rep), np.float32)
+        reward_stats["time/reward_s"] = reward_stats.get("time/reward_s", 0.0) + time.perf_counter() - t0
+        reward_stats.update({k: v for k, v in getattr(task, "last_reward_metrics", {}).items()
+                             if k.startswith("rewards/")})
         return {"sequences": np.asarray(out.sequences), "prompt_valid": rep["prompt_valid"], "mask": mask,
                 "rewards": rewards}
 
@@ -253,7 +262,11 @@ def run(cfg: Any, workdir: str) -> dict:
         step = int(jax.device_get(st.step))
         key = jax.random.fold_in(train.rng, 1_000_003 + step)  # differs from the update keys fold_in(rng, t)
         model = train.model()
-        ro, ds_stats = collect(model, key)
+        reward_stats.clear()
+        try:
+            ro, ds_stats = collect(model, key)
+        except RewardError as e:  # names the function and the prompt; add the step
+            raise e.at_step(step + 1) from e
         # Metrics of the roll-out as sampled (before dynamic-sampling filtering, TRL reports the batch used).
         seq = jnp.asarray(ro["sequences"])
         valid = jnp.concatenate([jnp.asarray(ro["prompt_valid"]), jnp.asarray(ro["mask"])], axis=1)
@@ -299,6 +312,7 @@ def run(cfg: Any, workdir: str) -> dict:
         out["completions/mean_length"] = float(ro["mask"].sum(-1).mean())
         out["num_updates"] = float(n)
         out.update(ds_stats)
+        out.update(reward_stats)
         new_ref = st.ref_params
         if r.get("reference", "fixed") == "reset" and (step + 1) % int(r.reset_every) == 0:
             new_ref = jax.tree.map(lambda x: x.copy(), train.params)
