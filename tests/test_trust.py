@@ -141,6 +141,26 @@ def test_print_fields_lists_every_field_with_its_comment(capsys, tmp_path):
     assert any("objective.beta" in line and "hyper-parameter of 'grpo'" in line for line in lines)
 
 
+@pytest.mark.parametrize("exc,code,needle", [
+    (OSError(errno.ENOSPC, "No space left on device", "/x/metrics.jsonl"), 74,
+     "cannot write /x/metrics.jsonl: No space left on device"),
+    (checkpoint.SaveFailedError("saving checkpoint step 4 in /x/checkpoints failed"), 74, "step 4"),
+    (interrupt.Interrupted(signal.SIGTERM, 3, 6, "/x/checkpoints"), 143, "stopped by SIGTERM at step 3 of 6"),
+    (interrupt.Interrupted(signal.SIGINT, 3, 6, "/x/checkpoints"), 130, "stopped by SIGINT at step 3 of 6"),
+    (KeyboardInterrupt(), 130, "interrupted before training started"),
+])
+def test_main_reports_faults_with_distinct_statuses(capsys, tmp_path, monkeypatch, exc, code, needle):
+    class Loop:
+        @staticmethod
+        def run(cfg, workdir):
+            raise exc
+
+    monkeypatch.setattr(common, "loop_module", lambda cfg: Loop)
+    got, _, err = run_main(capsys, f"--config={SG}:pretrain,smoke", f"--workdir={tmp_path / 'w'}",
+                           f"--config.task.data_dir={tmp_path / 'data'}")
+    assert got == code and needle in err and "Traceback" not in err
+
+
 def test_guard_accepts_corrected_config_when_no_checkpoint(tmp_path, capsys):
     wd = str(tmp_path / "w")
     a = ml_collections.ConfigDict(dict(objective=dict(name="grpo", beta=-0.1), total_steps=3))
