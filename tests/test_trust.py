@@ -406,3 +406,15 @@ def test_sigterm_to_main_saves_checkpoint_and_exits_143(tmp_path):
     assert 3 <= step < 400
     assert os.path.isdir(os.path.join(wd, "checkpoints", str(step)))
     # (that the rerun resumes exactly from this checkpoint is test_signal_checkpoints_at_step_boundary_...)
+
+
+def test_plot_on_a_pipeline_workdir_draws_every_stage(tmp_path, capsys):
+    from kljax import plot
+    for stage in ("pretrain", "grpo"):
+        with metrics.Writer(str(tmp_path / stage), tensorboard=False) as w:
+            for step in range(1, 4):
+                w.write(step, {"loss": 1.0 / step})
+    assert plot.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out.split()
+    assert out == [str(tmp_path / s / "curves.png") for s in ("grpo", "pretrain")]
+    assert all(os.path.getsize(p) > 0 for p in out)
