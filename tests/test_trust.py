@@ -418,3 +418,22 @@ def test_plot_on_a_pipeline_workdir_draws_every_stage(tmp_path, capsys):
     out = capsys.readouterr().out.split()
     assert out == [str(tmp_path / s / "curves.png") for s in ("grpo", "pretrain")]
     assert all(os.path.getsize(p) > 0 for p in out)
+
+
+def test_results_table_labels_what_each_column_and_row_measures():
+    from kljax.train import pipeline
+    q = common.load_config_file(os.path.join(REPO, "experiments", "star_graph_qsharp.py") + ":main,smoke")
+    stages = pipeline.stage_configs(q, "/nonexistent")
+    rows = [(n, pipeline._method(s), {"eval/accuracy": 0.25, "step": 4}, 1.0) for n, s, _ in stages]
+    table = pipeline.results_table(q, "/nonexistent", rows, [s for _, s, _ in stages])
+    header = table.splitlines()[2]
+    assert "path accuracy" in header and "greedy" not in header and "| decoding |" in header
+    by_stage = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    eta = stages[1][1].qsharp.rollin_eta
+    assert f"Q♯-guided η={eta:g}, sampled T=1" in by_stage["qsharp"]
+    assert "| greedy |" in by_stage["pretrain"]
+    a = common.load_config_file(os.path.join(REPO, "experiments", "arithmetic.py") + ":main,smoke")
+    stages = pipeline.stage_configs(a, "/nonexistent")
+    rows = [(n, pipeline._method(s), {"eval/accuracy": 0.25}, 1.0) for n, s, _ in stages]
+    assert "exact-match accuracy" in pipeline.results_table(a, "/nonexistent", rows,
+                                                            [s for _, s, _ in stages]).splitlines()[2]
