@@ -380,34 +380,6 @@ def test_failed_first_step_does_not_block_the_corrected_rerun(tmp_path):
     assert json.load(open(os.path.join(wd, "config.json")))["lr"] == 0.1
 
 
-# ----------------------------------------------------------------------------------------------
-# A real SIGTERM to `python -m kljax.main`
-
-
-@pytest.mark.slow
-def test_sigterm_to_main_saves_checkpoint_and_exits_143(tmp_path):
-    wd, data = str(tmp_path / "w"), str(tmp_path / "data")
-    cmd = [sys.executable, "-m", "kljax.main", f"--config={SG}:pretrain,smoke", f"--workdir={wd}",
-           "--config.total_steps=400", "--config.checkpoint.every=1000", "--config.log_every=1", "--config.eval_every=0",
-           f"--config.task.data_dir={data}"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    deadline = time.time() + 300
-    path = os.path.join(wd, metrics.METRICS_FILE)
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(path) and len(open(path).read().splitlines()) >= 3:
-            break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
-    assert "stopped by SIGTERM at step" in err and "Traceback" not in err
-    step = int(err.split("stopped by SIGTERM at step ")[1].split()[0])
-    assert 3 <= step < 400
-    assert os.path.isdir(os.path.join(wd, "checkpoints", str(step)))
-    # (that the rerun resumes exactly from this checkpoint is test_signal_checkpoints_at_step_boundary_...)
-
-
 def test_plot_on_a_pipeline_workdir_draws_every_stage(tmp_path, capsys):
     from kljax import plot
     for stage in ("pretrain", "grpo"):
@@ -437,3 +409,51 @@ def test_results_table_labels_what_each_column_and_row_measures():
     rows = [(n, pipeline._method(s), {"eval/accuracy": 0.25}, 1.0) for n, s, _ in stages]
     assert "exact-match accuracy" in pipeline.results_table(a, "/nonexistent", rows,
                                                             [s for _, s, _ in stages]).splitlines()[2]
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes: a SIGTERM to one of them stops both at the same step, after one checkpoint
+
+
+def _mp_worker(workdir):
+    """Run as `python tests/test_trust.py mp WORKDIR` in each process of launch/local_multiprocess.py."""
+    from kljax.train import sharding as shd
+    shd.initialize_distributed_from_env()
+    mesh = shd.make_mesh({"data": -1})
+    rep = shd.replicated(mesh)
+    state = Tiny(step=jax.device_put(np.zeros((), np.int32), rep), w=jax.device_put(np.ones(3, np.float32), rep))
+    step = jax.jit(tiny_step)
+
+    def step_fn(s, b):
+        if int(jax.device_get(s.step)) == 2 and jax.process_index() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # only process 1 is "preempted"
+        time.sleep(0.05)
+        return step(s, b)
+
+    try:
+        common.run_loop(tiny_cfg(total=60, every=1000), workdir, state=state, step_fn=step_fn, batches=None)
+    except interrupt.Interrupted as e:
+        print(f"STOPPED process={jax.process_index()} step={e.step}", flush=True)
+        sys.exit(143)
+    print(f"FINISHED process={jax.process_index()}", flush=True)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, os.path.join(REPO, "launch", "local_multiprocess.py"), "--num_processes", "2",
+           "--devices_per_process", "2", "--timeout", "240", "--log_dir", str(logs), "--",
+           os.path.abspath(__file__), "mp", str(tmp_path / "w")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = [open(logs / f"process_{i}.log").read() for i in range(2)]
+    stops = [line for text in out for line in text.splitlines() if line.startswith("STOPPED")]
+    assert len(stops) == 2, "".join(o[-2000:] for o in out) + proc.stderr[-2000:]
+    steps = {line.split("step=")[1] for line in stops}
+    assert len(steps) == 1  # both processes agreed on the step
+    step = int(steps.pop())
+    assert 3 <= step < 60 and proc.returncode == 143
+    assert sorted(int(d) for d in os.listdir(tmp_path / "w" / "checkpoints") if d.isdigit()) == [step]
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "mp":
+    _mp_worker(sys.argv[2])
