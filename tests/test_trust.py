@@ -65,6 +65,8 @@ def _grpo(tmp_path, pretrained, *extra):
     ("--config.objective.beta=-0.1", ["objective.beta", "-0.1", "[0.0, inf)"]),
     ("--config.objective.kl_estimator=k5", ["objective.kl_estimator", "'k5'", "k3"]),
     ("--config.objective.loss_agg=mean", ["objective.loss_agg", "token-mean"]),
+    ("--config.checkpoint.every=0", ["checkpoint.every", "0"]),
+    ("--config.total_steps=ten", ["total_steps", "ten"]),
 ])
 def test_objective_hparams_checked_before_anything_is_written(capsys, tmp_path, pretrained, override, needles):
     code, _, err = run_main(capsys, *_grpo(tmp_path, pretrained, override))
