@@ -110,8 +110,8 @@ def main(argv):
     except checkpoint.SaveFailedError as e:
         _fail(str(e), cli.EXIT_IO)
     except KeyboardInterrupt:  # Ctrl-C before the first step (the loop itself checkpoints and exits 130)
-        _fail("interrupted before training started; nothing to resume yet (rerun the same command).",
-              cli.EXIT_SIGINT)
+        _fail("interrupted (Ctrl-C) outside the training steps; nothing new to save. Rerun the same command to "
+              "resume from the last checkpoint (if any).", cli.EXIT_SIGINT)
     except OSError as e:
         where = e.filename or "the workdir"
         verb = "cannot write" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES) else "I/O error on"

@@ -149,7 +149,7 @@ def test_print_fields_lists_every_field_with_its_comment(capsys, tmp_path):
     (checkpoint.SaveFailedError("saving checkpoint step 4 in /x/checkpoints failed"), 74, "step 4"),
     (interrupt.Interrupted(signal.SIGTERM, 3, 6, "/x/checkpoints"), 143, "stopped by SIGTERM at step 3 of 6"),
     (interrupt.Interrupted(signal.SIGINT, 3, 6, "/x/checkpoints"), 130, "stopped by SIGINT at step 3 of 6"),
-    (KeyboardInterrupt(), 130, "interrupted before training started"),
+    (KeyboardInterrupt(), 130, "interrupted (Ctrl-C) outside the training steps"),
 ])
 def test_main_reports_faults_with_distinct_statuses(capsys, tmp_path, monkeypatch, exc, code, needle):
     class Loop:
