@@ -691,6 +691,11 @@ def validate_common(cfg: Any) -> None:
     if "eval" in cfg:
         require(cfg, "eval.batch_size", lambda v: int(v) >= 1 and int(v) % dp == 0,
                 f"use a positive multiple of the data-parallel size {dp}.", default=128)
+    if "checkpoint" in cfg:
+        require(cfg, "checkpoint.every", lambda v: int(v) >= 1, "save every N >= 1 steps.", default=100)
+        require(cfg, "checkpoint.keep", lambda v: int(v) >= 1, "keep at least the latest checkpoint (>= 1).",
+                default=3)
+        require(cfg, "checkpoint.best_mode", lambda v: v in ("max", "min"), "use 'max' or 'min'.", default="max")
     try:
         state_lib.optimizer_from_config(optim_config(cfg))
     except ConfigError as e:
