@@ -87,7 +87,7 @@ def metrics(workdir):
 @pytest.fixture(scope="module")
 def sft_run(user):
     wd = str(user["root"] / "sft")
-    run_main("sft,smoke", wd, user, "--config.total_steps=6")
+    run_main("sft,smoke", wd, user)
     return wd
 
 
@@ -101,9 +101,9 @@ def grpo_run(user):
 def test_sft_on_jsonl_learns(sft_run):
     m = metrics(sft_run)
     losses = [r["loss"] for r in m if "loss" in r]
-    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert len(losses) == 4 and losses[-1] < losses[0]
     ev = json.load(open(os.path.join(sft_run, "eval.json")))
-    assert ev["step"] == 6 and "eval/reward" in ev
+    assert ev["step"] == 4 and "eval/reward" in ev
 
 
 def test_grpo_with_reward_file_reports_rewards_and_reward_time(grpo_run, user):
@@ -126,12 +126,11 @@ def test_failing_reward_stops_the_run_naming_function_step_and_prompt(user, caps
     assert json.load(open(os.path.join(wd, "config.json")))  # the run's files are still there
 
 
-@pytest.mark.parametrize("which", ["sft", "grpo"])
-def test_export_loads_in_transformers_and_greedy_matches(which, sft_run, grpo_run, user, tmp_path):
+def test_export_loads_in_transformers_and_greedy_matches(grpo_run, user, tmp_path):
     from kljax import export
-    workdir = {"sft": sft_run, "grpo": grpo_run}[which]
+    workdir = grpo_run
     out = str(tmp_path / "hf")
-    assert export.main([workdir, out, "--checkpoint", "best" if which == "grpo" else "latest"]) == 0
+    assert export.main([workdir, out, "--checkpoint", "latest"]) == 0
     hf_tok = AutoTokenizer.from_pretrained(out)
     hf_model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = load_tokenizer(user["model"])
@@ -139,7 +138,7 @@ def test_export_loads_in_transformers_and_greedy_matches(which, sft_run, grpo_ru
     assert hf_model.config.vocab_size == 320
 
     mesh = shd.make_mesh({"data": -1})
-    model = common.load_model_from(workdir, mesh)
+    model = common.load_model_from(workdir, mesh)  # the trained policy itself, not the exported copy
     prompts = [r["question"] for r in rows(8, 1)]
     ids = [tok.encode(p) for p in prompts]
     P, N = max(map(len, ids)), 12
@@ -156,3 +155,12 @@ def test_export_loads_in_transformers_and_greedy_matches(which, sft_run, grpo_ru
                                   pad_token_id=tok.pad_id)[0, len(x):].tolist()
         ours = k_tokens[i][k_mask[i] > 0].tolist()
         assert ours == g[:len(ours)] and len(ours) == len(g), (i, ours, g)
+
+
+def test_export_errors(sft_run, tmp_path, capsys):
+    from kljax import export
+    assert export.main([sft_run, str(tmp_path / "x"), "--checkpoint", "999"]) == 2
+    assert "999" in capsys.readouterr().err
+    assert export.main([str(tmp_path / "no_run"), str(tmp_path / "y")]) == 2
+    assert "no run" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
