@@ -1,9 +1,16 @@
-"""`python -m kljax.reproduce NAME [--workdir DIR] [--smoke]`: run a table's pipeline, write markdown + PNG.
+"""`python -m kljax.reproduce NAME [--quick] [--seeds N] [--out DIR]`: run a results table.
 
-NAME is an experiment file in `experiments/` whose `main` arg is a pipeline (e.g. `star_graph`,
-`arithmetic`). The stages run in `DIR/<stage>` (default `runs/reproduce/NAME`), finished stages are
-skipped and interrupted ones resume; the table goes to `DIR/results.md` and each stage's training
-curves to `DIR/<stage>/curves.png`.
+Two kinds of NAME:
+
+* a table of `kljax.repro` (`kl_estimators`, `mdvi`): toy problems whose outcomes can be enumerated.
+  The markdown table (`results.md`), the raw numbers (`results.json`), the exact settings
+  (`config.json`) and PNG plots go to `DIR` (default `results/NAME`, `results/NAME_quick` with
+  `--quick`). `--quick` is the reduced version CI runs (seconds); `--seeds` overrides the seed count.
+* an experiment file in `experiments/` whose `main` arg is a pipeline (e.g. `star_graph`,
+  `arithmetic`): `python -m kljax.reproduce NAME [--workdir DIR] [--smoke]`. The stages run in
+  `DIR/<stage>` (default `runs/reproduce/NAME`), finished stages are skipped and interrupted ones
+  resume; the table goes to `DIR/results.md` and each stage's training curves to
+  `DIR/<stage>/curves.png`.
 """
 from __future__ import annotations
 
@@ -26,16 +33,37 @@ def available() -> list[str]:
     return out
 
 
+def run_table(name: str, quick: bool = False, seeds: int | None = None, out: str | None = None) -> dict:
+    """Run the `kljax.repro` table `name`; returns its results (also written to `out`)."""
+    from kljax import repro
+    module = repro.get(name)
+    out = out or os.path.join("results", name + ("_quick" if quick else ""))
+    cfg = module.config(quick=quick, seeds=seeds)
+    results = module.run(cfg, out)
+    print(f"wrote {out}/results.md, results.json, config.json and plots")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
+    from kljax import repro
+    tables = repro.names()
     names = available()
     p = argparse.ArgumentParser(prog="python -m kljax.reproduce", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", help=f"one of {names}")
-    p.add_argument("--workdir", default=None, help="default runs/reproduce/NAME")
-    p.add_argument("--smoke", action="store_true", help="tiny models and a few steps (checks the plumbing)")
+    p.add_argument("name", help=f"a table {tables} or a pipeline experiment {names}")
+    p.add_argument("--quick", action="store_true", help="tables: the reduced version (seconds)")
+    p.add_argument("--seeds", type=int, default=None, help="tables: number of seeds")
+    p.add_argument("--out", default=None, help="tables: output folder (default results/NAME)")
+    p.add_argument("--workdir", default=None, help="pipelines: default runs/reproduce/NAME")
+    p.add_argument("--smoke", action="store_true", help="pipelines: tiny models and a few steps (checks the plumbing)")
     args = p.parse_args(argv)
+    if args.name in tables:
+        if args.seeds is not None and args.seeds < 1:
+            p.error("--seeds must be at least 1")
+        run_table(args.name, quick=args.quick, seeds=args.seeds, out=args.out)
+        return 0
     if args.name not in names:
-        p.error(f"unknown name {args.name!r}; choose one of {names}")
+        p.error(f"unknown name {args.name!r}; choose a table {tables} or a pipeline {names}")
     from kljax.config import ConfigError
     from kljax.plot import plot_workdir
     from kljax.train import common, pipeline

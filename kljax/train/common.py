@@ -47,7 +47,7 @@ from kljax.config import ConfigError, require
 from kljax.models import TransformerLM, lm_config, positions_from_valid
 from kljax.sampling import generate
 from kljax.tasks import base as task_base
-from kljax.train import checkpoint, metrics as metrics_lib, sharding as shd, state as state_lib
+from kljax.train import checkpoint, interrupt, metrics as metrics_lib, sharding as shd, state as state_lib
 
 EVAL_FILE = "eval.json"
 
@@ -532,23 +532,33 @@ def run_loop(cfg: Any, workdir: str, *, state: Any, step_fn: Callable[[Any, Any]
     os.makedirs(workdir, exist_ok=True)
     mgr = checkpoint_manager(cfg, workdir)
     t0 = time.time()
+    stop = interrupt.StopRequest()
     try:
+        stored = _finished_results(workdir, mgr, total)
+        if stored is not None:  # a finished run: report it, write nothing
+            print(f"{workdir}: run already finished (step {total} of {total}); stored results from "
+                  f"{os.path.join(workdir, EVAL_FILE)}.", flush=True)
+            return stored
         restored = mgr.restore_latest(state)
         resume = None
         if restored is not None:
             state, data_state = restored
             resume = _step_of(state)
+            print(f"resumed from step {resume} of {total}, checkpoint {os.path.join(mgr.directory, str(resume))}",
+                  flush=True)
             if batches is not None and data_state is not None:
                 batches.set_state(data_state)
             if on_restore is not None:
                 state = on_restore(state)
         start = _step_of(state)
         best_metric = mgr.best_metric
-        writer = metrics_lib.Writer(workdir, resume_step=resume)
+        # A fresh start moves metrics of an earlier start that never reached a checkpoint aside (step > 0).
+        writer = metrics_lib.Writer(workdir, resume_step=0 if resume is None else resume)
         bar = metrics_lib.ProgressBar(total, initial=start, keys=tuple(bar_keys) + ("eval/accuracy",),
                                       desc=desc or os.path.basename(os.path.normpath(workdir)))
         last_eval: dict = {}
         try:
+            stop.__enter__()
             step = start
             while step < total:
                 batch = next(batches) if batches is not None else None
@@ -572,6 +582,12 @@ def run_loop(cfg: Any, workdir: str, *, state: Any, step_fn: Callable[[Any, Any]
                         ev_for_ckpt = ev
                     mgr.save(step, state, batches.get_state() if batches is not None else None,
                              metrics=ev_for_ckpt if best_metric else None)
+                mgr.check()  # a failed background save stops the run
+                if step < total and stop.should_stop(step):
+                    if mgr.latest_step() != step:
+                        mgr.save(step, state, batches.get_state() if batches is not None else None, force=True)
+                    mgr.wait()
+                    raise interrupt.Interrupted(stop.signum, step, total, mgr.directory)
             final = eval_fn(state) if eval_fn is not None else dict(last_eval)
             if final:
                 writer.write(total, final)
@@ -580,6 +596,7 @@ def run_loop(cfg: Any, workdir: str, *, state: Any, step_fn: Callable[[Any, Any]
                 mgr.save(total, state, batches.get_state() if batches is not None else None,
                          metrics=final if ok else None, force=True)
         finally:
+            stop.__exit__()
             bar.close()
             writer.close()
     finally:
@@ -588,6 +605,20 @@ def run_loop(cfg: Any, workdir: str, *, state: Any, step_fn: Callable[[Any, Any]
     result.update(step=total, wall_s=time.time() - t0)
     write_eval(workdir, result)
     return result
+
+
+def _finished_results(workdir: str, mgr: checkpoint.Manager, total: int) -> dict | None:
+    """The stored `eval.json` when the run in `workdir` already reached `total` (else None)."""
+    if mgr.latest_step() != total or not os.path.exists(os.path.join(workdir, EVAL_FILE)):
+        return None
+    try:
+        stored = read_eval(workdir)
+    except (OSError, ValueError):
+        return None
+    return stored if int(stored.get("step", -1)) == total else None
+
+
+Interrupted = interrupt.Interrupted
 
 
 def make_step(loss_fn: Callable, cfg: Any, mesh: jax.sharding.Mesh, ts: Any, accum_steps: int = 1) -> Callable:
@@ -720,3 +751,6 @@ def validate(cfg: Any, check_paths: bool = True) -> None:
             mod.validate(cfg)
     else:
         validate_common(cfg)
+    if cfg.get("loop", "") != "pipeline":
+        from kljax.train import preflight
+        preflight.check_objective_hparams(cfg)

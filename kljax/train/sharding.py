@@ -243,7 +243,8 @@ def cluster_auto_detectable() -> bool:
         return forced == "auto"
     if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
         return True
-    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")
+    return len(hosts) > 1 and all(h and " " not in h for h in hosts)  # libtpu may leave a warning text here
 
 
 def initialize_distributed_from_env() -> tuple[int, int]:
