@@ -201,8 +201,8 @@ def test_reward_from_file_weights_and_none(tok_dir, tmp_path, reward_file):
     np.testing.assert_allclose(r, correct + 0.5 * level)  # level 0 -> None -> left out of the sum
     assert r.dtype == np.float32
     m = task.last_reward_metrics
-    assert m[f"rewards/{reward_file}:correct/mean"] == pytest.approx(5 / 6)
-    assert m[f"rewards/{reward_file}:level_only/mean"] == pytest.approx(level[level > 0].mean())
+    assert m["rewards/correct/mean"] == pytest.approx(5 / 6)  # TRL's metric names: the function's __name__
+    assert m["rewards/level_only/mean"] == pytest.approx(level[level > 0].mean())
     assert m["time/reward_s"] >= 0
 
 
@@ -229,6 +229,8 @@ def test_reward_spec_errors(tok_dir, tmp_path, reward_file):
         make(tok_dir, f, reward="no_such_pkg.mod:fn")
     terms = rewards.parse(f"math_answer, 0.1*format, -2e-1*{reward_file}:correct")
     assert [(w, n) for w, n, _ in terms] == [(1.0, "math_answer"), (0.1, "format"), (-0.2, f"{reward_file}:correct")]
+    twice = rewards.parse(f"{reward_file}:correct, format, 2*{reward_file}:correct")
+    assert rewards.metric_names(twice) == ["correct", "format", "correct_2"]
 
 
 def test_builtin_math_answer_format_length():

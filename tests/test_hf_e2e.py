@@ -4,7 +4,6 @@ GRPO with the file's reward, a failing reward stopping the run; then `kljax.expo
 transformers, and greedy generation there gives kljax's greedy tokens."""
 import json
 import os
-import sys
 import textwrap
 
 import jax
@@ -62,21 +61,21 @@ def user(tmp_path_factory):
 
 
 def run_main(arg, workdir, user, *overrides):
-    """`python -m kljax.main --config=experiments/hf.py:<arg> ...` in this process."""
+    """`python -m kljax.main --config=experiments/hf.py:<arg> ...` in this process (what `kljax.main.run`
+    does, without absl's `app.run`, which exits the process)."""
+    from kljax import cli
     from kljax import main as kmain
     argv = ["kljax.main", f"--config={HF}:{arg}", f"--workdir={workdir}",
             f"--config.model.hf_path={user['model']}", f"--config.task.train_files={user['train']}",
             f"--config.task.test_files={user['test']}", f"--config.task.data_dir={user['data']}", *overrides]
-    saved = sys.argv
-    sys.argv = argv  # ml_collections reads the --config.<field> overrides from sys.argv
+    rest, kmain._PLAN = cli.preflight(argv, kmain.DEFAULT_CONFIG)
     try:
-        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-            delattr(flags.FLAGS, name)  # a previous run's override flags
         flags.FLAGS.unparse_flags()
-        flags.FLAGS(argv)
-        kmain.main(argv[:1])
+        flags.FLAGS(rest)
+        kmain.main(rest[:1])
     finally:
-        sys.argv = saved
+        kmain._PLAN = None
+        flags.FLAGS.unparse_flags()
 
 
 def metrics(workdir):
@@ -111,7 +110,7 @@ def test_grpo_with_reward_file_reports_rewards_and_reward_time(grpo_run, user):
     assert len(m) == 2
     for r in m:
         assert r["time/reward_s"] >= 0
-        assert f"rewards/{user['rewards']}:correct/mean" in r and f"rewards/{user['rewards']}:digits/mean" in r
+        assert "rewards/correct/mean" in r and "rewards/digits/mean" in r
         assert np.isfinite(r["loss"]) and np.isfinite(r["kl"])
     assert os.path.exists(os.path.join(grpo_run, "eval.json"))
 
