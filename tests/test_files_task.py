@@ -268,3 +268,15 @@ def test_register_task_from_user_module(tmp_path):
         tasks.register("tiny_user_task", lambda **kw: None)
     with pytest.raises(TypeError, match="no parameter"):
         tasks.get("tiny_user_task", nope=1)
+
+
+def test_llama_tokenizer_bos_once_with_and_without_template(tmp_path):
+    llama = tmp_path / "llama_tok"
+    hfx.train_tokenizer(llama, "llama")  # BOS from the post-processor, and `{{ bos_token }}` in its template
+    tok = load_tokenizer(llama)
+    f = write(tmp_path / "a.jsonl", ROWS[:1])
+    for chat in (False, True):
+        rec = records(make(str(llama), f, chat_template=chat, prompt_len=64), "train", tmp_path / "d")[0]
+        ids = rec["prompt"][rec["prompt_valid"] > 0].tolist()
+        assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
+        assert tok.pad_id == tok.eos_id  # no pad token in the files
