@@ -108,7 +108,7 @@ def model_config(cfg: Any, task: task_base.Task | None = None) -> ml_collections
     """`cfg.model` with `vocab_size`/`max_len` filled from the task where they are 0 or None."""
     if hf_path(cfg):
         return hf_model_config(cfg)
-    mc = lm_config(**{k: v for k, v in cfg.model.items()})
+    mc = lm_config(**{k: v for k, v in cfg.model.items() if k != "hf_path"})
     if not mc.vocab_size or not mc.max_len:
         task = task or build_task(cfg)
         if not mc.vocab_size:
