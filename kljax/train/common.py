@@ -561,11 +561,13 @@ def run_loop(cfg: Any, workdir: str, *, state: Any, step_fn: Callable[[Any, Any]
             stop.__enter__()
             step = start
             while step < total:
+                t_step = time.perf_counter()
                 batch = next(batches) if batches is not None else None
                 state, m = step_fn(state, batch)
                 step += 1
                 m = dict(m)
-                metrics_lib.check_finite(m, step, mgr.latest_step(), workdir)
+                metrics_lib.check_finite(m, step, mgr.latest_step(), workdir)  # waits for the step's values
+                m["time/step_s"] = time.perf_counter() - t_step
                 ev = None
                 if eval_fn is not None and eval_every and step % eval_every == 0 and step < total:
                     ev = eval_fn(state)
