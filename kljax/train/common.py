@@ -108,7 +108,7 @@ def model_config(cfg: Any, task: task_base.Task | None = None) -> ml_collections
     """`cfg.model` with `vocab_size`/`max_len` filled from the task where they are 0 or None."""
     if hf_path(cfg):
         return hf_model_config(cfg)
-    mc = lm_config(**{k: v for k, v in cfg.model.items()})
+    mc = lm_config(**{k: v for k, v in cfg.model.items() if k != "hf_path"})
     if not mc.vocab_size or not mc.max_len:
         task = task or build_task(cfg)
         if not mc.vocab_size:
@@ -561,11 +561,13 @@ def run_loop(cfg: Any, workdir: str, *, state: Any, step_fn: Callable[[Any, Any]
             stop.__enter__()
             step = start
             while step < total:
+                t_step = time.perf_counter()
                 batch = next(batches) if batches is not None else None
                 state, m = step_fn(state, batch)
                 step += 1
                 m = dict(m)
-                metrics_lib.check_finite(m, step, mgr.latest_step(), workdir)
+                metrics_lib.check_finite(m, step, mgr.latest_step(), workdir)  # waits for the step's values
+                m["time/step_s"] = time.perf_counter() - t_step
                 ev = None
                 if eval_fn is not None and eval_every and step % eval_every == 0 and step < total:
                     ev = eval_fn(state)
@@ -731,7 +733,7 @@ def loop_module(cfg: Any):
 
 
 # Loops that run as the same program on every process (a pipeline's stages are checked one by one).
-MULTI_PROCESS_LOOPS = frozenset({"sft", "pipeline"})
+MULTI_PROCESS_LOOPS = frozenset({"sft", "rl", "pipeline"})
 
 
 def check_process_count(cfg: Any) -> None:
