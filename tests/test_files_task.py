@@ -201,8 +201,8 @@ def test_reward_from_file_weights_and_none(tok_dir, tmp_path, reward_file):
     np.testing.assert_allclose(r, correct + 0.5 * level)  # level 0 -> None -> left out of the sum
     assert r.dtype == np.float32
     m = task.last_reward_metrics
-    assert m[f"rewards/{reward_file}:correct/mean"] == pytest.approx(5 / 6)
-    assert m[f"rewards/{reward_file}:level_only/mean"] == pytest.approx(level[level > 0].mean())
+    assert m["rewards/correct/mean"] == pytest.approx(5 / 6)  # TRL's metric names: the function's __name__
+    assert m["rewards/level_only/mean"] == pytest.approx(level[level > 0].mean())
     assert m["time/reward_s"] >= 0
 
 
@@ -229,6 +229,8 @@ def test_reward_spec_errors(tok_dir, tmp_path, reward_file):
         make(tok_dir, f, reward="no_such_pkg.mod:fn")
     terms = rewards.parse(f"math_answer, 0.1*format, -2e-1*{reward_file}:correct")
     assert [(w, n) for w, n, _ in terms] == [(1.0, "math_answer"), (0.1, "format"), (-0.2, f"{reward_file}:correct")]
+    twice = rewards.parse(f"{reward_file}:correct, format, 2*{reward_file}:correct")
+    assert rewards.metric_names(twice) == ["correct", "format", "correct_2"]
 
 
 def test_builtin_math_answer_format_length():
@@ -266,3 +268,15 @@ def test_register_task_from_user_module(tmp_path):
         tasks.register("tiny_user_task", lambda **kw: None)
     with pytest.raises(TypeError, match="no parameter"):
         tasks.get("tiny_user_task", nope=1)
+
+
+def test_llama_tokenizer_bos_once_with_and_without_template(tmp_path):
+    llama = tmp_path / "llama_tok"
+    hfx.train_tokenizer(llama, "llama")  # BOS from the post-processor, and `{{ bos_token }}` in its template
+    tok = load_tokenizer(llama)
+    f = write(tmp_path / "a.jsonl", ROWS[:1])
+    for chat in (False, True):
+        rec = records(make(str(llama), f, chat_template=chat, prompt_len=64), "train", tmp_path / "d")[0]
+        ids = rec["prompt"][rec["prompt_valid"] > 0].tolist()
+        assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
+        assert tok.pad_id == tok.eos_id  # no pad token in the files

@@ -210,14 +210,19 @@ def test_a_single_process_loop_is_refused_on_several_processes(monkeypatch):
     from kljax.config import ConfigError
     from kljax.train import common
 
-    cfg = common.load_config_file(os.path.join(REPO, "experiments", "star_graph.py") + ":grpo,smoke")
-    cfg.init_from = str(REPO)  # any path: paths are not checked here
+    cfg = common.load_config_file(os.path.join(REPO, "experiments", "distill.py") + ":fkl,smoke")
     common.validate(cfg, check_paths=False)  # valid in one process
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    with pytest.raises(ConfigError, match=r"`loop` = 'rl' runs in one process only.*2 processes.*--host_devices"):
+    with pytest.raises(ConfigError, match=r"`loop` = 'distill' runs in one process only.*2 processes.*--host_devices"):
         common.validate(cfg, check_paths=False)
-    sft = common.load_config_file(os.path.join(REPO, "experiments", "star_graph.py") + ":pretrain,smoke")
-    common.check_process_count(sft)  # SFT runs on several processes
+    dapo = common.load_config_file(os.path.join(REPO, "experiments", "arithmetic.py") + ":dapo,smoke")
+    dapo.init_from = str(REPO)  # any path: paths are not checked here
+    with pytest.raises(ConfigError, match=r"`rl.dynamic_sampling` = True runs in one process only"):
+        common.validate(dapo, check_paths=False)
+    for arg in ("pretrain,smoke", "grpo,smoke"):  # SFT and (non-DAPO) RL run on several processes
+        ok = common.load_config_file(os.path.join(REPO, "experiments", "arithmetic.py") + ":" + arg)
+        ok.init_from = str(REPO)
+        common.validate(ok, check_paths=False)
 
 
 if __name__ == "__main__":

@@ -188,14 +188,29 @@ def parse(spec: str) -> Tuple[Tuple[float, str, Callable], ...]:
     return tuple(terms)
 
 
+def metric_names(terms) -> List[str]:
+    """Per term, the name its metric ``rewards/<name>/mean`` uses: the built-in's name or the function's
+    ``__name__`` (as TRL names them), with ``_2``, ``_3``, ... for repeats."""
+    out: List[str] = []
+    for _, ref, fn in terms:
+        base = ref if ref in BUILTINS else getattr(fn, "__name__", ref.rpartition(":")[2])
+        name, k = base, 1
+        while name in out:
+            k += 1
+            name = f"{base}_{k}"
+        out.append(name)
+    return out
+
+
 def score(terms, prompts: Sequence[Any], completions: Sequence[str], columns: Dict[str, Sequence[Any]]
           ) -> Tuple[np.ndarray, Dict[str, float]]:
-    """(float32[B] weighted total, metrics ``rewards/<name>/mean`` and ``time/reward_s``) of ``terms``."""
+    """(float32[B] weighted total, metrics ``rewards/<name>/mean`` (:func:`metric_names`) and
+    ``time/reward_s``) of ``terms``."""
     n = len(completions)
     total = np.zeros(n, np.float64)
     metrics: Dict[str, float] = {}
     t0 = time.perf_counter()
-    for weight, name, fn in terms:
+    for (weight, name, fn), short in zip(terms, metric_names(terms)):
         try:
             out = fn(list(prompts), list(completions), **{k: list(v) for k, v in columns.items()})
         except Exception as e:  # noqa: BLE001 — re-raised with the function and the prompt named
@@ -227,7 +242,7 @@ def score(terms, prompts: Sequence[Any], completions: Sequence[str], columns: Di
             vals[i] = v
         total += np.where(np.isnan(vals), 0.0, weight * vals)
         scored = ~np.isnan(vals)
-        metrics[f"rewards/{name}/mean"] = float(vals[scored].mean()) if scored.any() else 0.0
+        metrics[f"rewards/{short}/mean"] = float(vals[scored].mean()) if scored.any() else 0.0
     metrics["time/reward_s"] = time.perf_counter() - t0
     return total.astype(np.float32), metrics
 

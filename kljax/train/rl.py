@@ -141,15 +141,27 @@ def _objective_kwargs(cfg: Any, group_size: int) -> tuple[Any, dict]:
     return fn, kw
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _logp_and_logits(graphdef, params, rest, seq, valid, prompt_len, want_logits):
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _logp_and_logits(graphdef, params, rest, seq, valid, prompt_len, want_logits, chunk_rows=0):
+    """Completion log-probs (and logits) of a roll-out, `chunk_rows` rows at a time when that divides
+    the batch: the `[rows, T, V]` logits of a whole roll-out need not fit in memory at once."""
     model = nnx.merge(graphdef, params, rest)
-    logp, logits = common.completion_logp(model, seq, valid, prompt_len)
-    return logp, (logits if want_logits else None)
+
+    def one(rows):
+        logp, logits = common.completion_logp(model, rows[0], rows[1], prompt_len)
+        return logp, (logits if want_logits else None)
+
+    rows = seq.shape[0]
+    if 0 < chunk_rows < rows and rows % chunk_rows == 0:
+        chunks = lambda x: x.reshape(rows // chunk_rows, chunk_rows, *x.shape[1:])
+        logp, logits = jax.lax.map(one, (chunks(seq), chunks(valid)))
+        unchunk = lambda x: None if x is None else x.reshape(rows, *x.shape[2:])
+        return unchunk(logp), unchunk(logits)
+    return one((seq, valid))
 
 
-def _model_logp(graphdef, params, rest, seq, valid, prompt_len, want_logits=False):
-    return _logp_and_logits(graphdef, params, rest, seq, valid, prompt_len, want_logits)
+def _model_logp(graphdef, params, rest, seq, valid, prompt_len, want_logits=False, chunk_rows=0):
+    return _logp_and_logits(graphdef, params, rest, seq, valid, prompt_len, want_logits, chunk_rows)
 
 
 def _repeat(batch, g):
@@ -299,14 +311,15 @@ def run(cfg: Any, workdir: str) -> dict:
         if sampler_is_policy:  # the sampler's log-probs are the policy's: no second forward pass
             old_logp = ro["sampler_logp"]
         else:
-            old_logp, _ = _model_logp(train.graphdef, train.params, train.model_state, seq, valid, P)
-        ref_logp, ref_logits = _model_logp(train.graphdef, st.ref_params, train.model_state, seq, valid, P, exact)
+            old_logp, _ = _model_logp(train.graphdef, train.params, train.model_state, seq, valid, P, False, mb)
+        ref_logp, ref_logits = _model_logp(train.graphdef, st.ref_params, train.model_state, seq, valid, P, exact,
+                                           mb)
         full = {"sequences": seq, "valid": valid, "mask": mask.astype(jnp.float32), "old_logp": old_logp,
                 "ref_logp": ref_logp}
         if exact:
             full["ref_logits"] = ref_logits
         if teacher is not None:
-            full["teacher_logp"], _ = _model_logp(teacher[0], teacher[1], teacher[2], seq, valid, P)
+            full["teacher_logp"], _ = _model_logp(teacher[0], teacher[1], teacher[2], seq, valid, P, False, mb)
         rw = ro["rewards"]
         full["rewards"] = rw
         if adv_kind != "objective":  # every process computes the same advantages from the global rewards
