@@ -497,6 +497,48 @@ def test_value_objective_finite(name, case):
     CASES[f"value/{name}"] += 1
 
 
+@st.composite
+def guidance_cases(draw):
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scale = lambda: draw(st.sampled_from([1.0, 30.0, 1e4]))  # noqa: E731
+    ref = (scale() * rng.normal(size=(B, V))).astype(np.float32)
+    ref[:, PAD_COL] = -np.inf
+    crit = (scale() * rng.normal(size=(B, V))).astype(np.float32)
+    if draw(st.booleans()):  # a certain success / failure: p exactly 1 or 0
+        crit[0, 0], crit[1, 1] = np.inf, -np.inf
+    return {"ref": ref, "crit": crit, "hist": (scale() * rng.normal(size=(B, V, A))).astype(np.float32),
+            "atoms": (np.linspace(0.0, 1.0, A) * draw(st.sampled_from([1.0, 100.0]))).astype(np.float32),
+            "eta": np.float32(10.0 ** draw(st.floats(-6, 6)))}
+
+
+@FUZZ
+@given(case=guidance_cases())
+def test_qsharp_guidance_finite(case):
+    """Q♯ guided logits for η from 1e-6 to 1e6, critics at ±inf, −inf reference entries, both top-k
+    modes: no NaN, −inf exactly where the reference is −inf or top-k masks, finite elsewhere; the
+    sampled distribution is a distribution."""
+    from kljax.objectives import value as V
+    run = _runner(("guidance",), lambda: _jit(lambda c: {
+        f"{kind}/{rest}": V.qsharp_logits(c["ref"], c["crit"] if kind == "bernoulli" else c["hist"], c["eta"],
+                                          kind, atoms=c["atoms"] if kind == "histogram" else None, top_k=3,
+                                          top_k_rest=rest)
+        for kind in ("bernoulli", "histogram") for rest in ("mask", "reference")}))
+    out = run(case)
+    ref = case["ref"]
+    for label, x in out.items():
+        x = np.asarray(x)
+        assert not np.isnan(x).any(), label
+        assert np.all(np.isneginf(x[np.isneginf(ref)])), label
+        kept = np.isfinite(x)
+        assert np.all(kept | np.isneginf(x)), label
+        assert np.all(kept.sum(-1) >= 1), label
+        if label.endswith("reference"):
+            assert np.all(kept == np.isfinite(ref)), label
+        p = np.asarray(jax.nn.softmax(jnp.asarray(x), axis=-1))
+        np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-5)
+    CASES["value/qsharp_logits"] += 1
+
+
 # --------------------------------------------------------------------------------------------
 # Data path: tokenizers, prompts, rewards, loaders
 # --------------------------------------------------------------------------------------------
