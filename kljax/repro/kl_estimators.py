@@ -48,7 +48,7 @@ OFF += [("exact", "loss", "none"), ("k1", "reward", "none"), ("k2", "reward", "n
         ("k3", "reward", "none")]
 
 QUICK = {
-    "bandit": [["k1", "reward", "on", "none"], ["k1", "loss", "on", "none"], ["k2", "loss", "on", "none"],
+    "bandit": [["k1", "reward", "on", "none"], ["k1", "loss", "on", "none"],
                ["k3", "loss", "on", "none"], ["k3", "loss", "off", "none"],
                ["k3", "loss", "off", "differentiable"]],
     "sequence": [["k1", "reward", "on", "none"], ["k3", "loss", "on", "none"]],
