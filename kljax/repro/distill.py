@@ -224,7 +224,7 @@ def run(cfg: dict, out: str) -> dict:
     _plot(cfg, results, os.path.join(out, "distill_modes.png"))
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(markdown(cfg, results))
-    common.write_json(os.path.join(out, "results.json"), results)
+    common.write_json(os.path.join(out, "results.json"), results, digits=5)
     return results
 
 
@@ -252,7 +252,8 @@ def markdown(cfg: dict, results: dict) -> str:
 def _plot(cfg, results, path):
     plt = common.pyplot()
     objs = results["objectives"]
-    fig, axes = plt.subplots(1, 4, figsize=(22, 4.8), gridspec_kw={"width_ratios": [1.3, 1.0, 1.3, 1.3]})
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
+    axes = axes.ravel()
     labels = ["teacher"] + [o["label"] for o in objs]
     mass = np.array([results["teacher"]["mode_mass"]] + [np.asarray(o["mode_mass"]).mean(0) for o in objs])
     invalid = 1.0 - mass.sum(1)
