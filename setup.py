@@ -30,5 +30,8 @@ setup(
         "bench": ["pytest-benchmark>=4"],
         "cuda": ["jax[cuda12]>=0.10,<0.11"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
+        # TPU compiler for `kljax.aot` (compiling for a TPU topology on a machine without one); the
+        # version verified with jax 0.10.2.
+        "aot": ["libtpu==0.0.52"],
     },
 )

@@ -17,7 +17,7 @@ from kljax.tasks import star_graph as sg_mod
 
 
 def test_registry_names_and_unknown_name_hint():
-    assert tasks.names() == ["arithmetic", "digits", "star_graph", "synthetic_lm"]
+    assert tasks.names() == ["arithmetic", "digits", "files", "star_graph", "synthetic_lm"]
     with pytest.raises(KeyError, match=r"star_graph.*Registered tasks"):
         tasks.get("star_grpah")
 

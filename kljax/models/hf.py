@@ -23,6 +23,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from kljax.models.tokenizer import HFTokenizer, load_tokenizer
 from kljax.models.transformer import TransformerLM, lm_config
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -181,11 +182,14 @@ def _set_in(tree, path, value):
 
 
 def from_hf(path, *, dtype="float32", param_dtype="float32", max_len=None, value_head="none", num_atoms=1,
-            seed=0) -> TransformerLM:
+            seed=0, tokenizer=False):
     """Load a local Hugging Face Llama/Qwen2 checkpoint folder into a :class:`TransformerLM`.
 
     ``value_head``/``num_atoms`` add a freshly initialized (small random, seeded by ``seed``) value head on
     the pretrained body, e.g. for a Q♯ critic. ``max_len`` overrides ``max_position_embeddings``.
+    ``tokenizer=True`` returns ``(model, tokenizer)``, the tokenizer read from the same folder by
+    :func:`kljax.models.tokenizer.load_tokenizer` (an error if the folder has none, or if it produces ids past
+    the model's vocabulary; a vocabulary padded larger than the tokenizer's is fine).
     """
     path = os.fspath(path)
     cfg_path = os.path.join(path, "config.json")
@@ -219,7 +223,19 @@ def from_hf(path, *, dtype="float32", param_dtype="float32", max_len=None, value
                                  if k.startswith("value_")})()
         pure.update(fresh)
     nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    if not tokenizer:
+        return model
+    tok = load_tokenizer(path)
+    check_vocab(cfg.vocab_size, tok, path)
+    return model, tok
+
+
+def check_vocab(model_vocab: int, tok: HFTokenizer, path="") -> None:
+    """Raise unless every id of ``tok`` has an embedding row (extra, padding rows are fine)."""
+    if tok.vocab_size > int(model_vocab):
+        raise ValueError(f"the tokenizer in {path} has {tok.vocab_size} ids but the model's vocabulary "
+                         f"(config.json vocab_size) is {int(model_vocab)}: they do not belong together")
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -251,11 +267,14 @@ def config_to_hf(cfg, arch) -> dict:
     return hf
 
 
-def to_hf(model: TransformerLM, path) -> str:
+def to_hf(model: TransformerLM, path, tokenizer=None) -> str:
     """Write ``model`` as a Hugging Face checkpoint (config.json + model.safetensors) in folder ``path``.
 
     Models with q/k/v biases are written as Qwen2ForCausalLM, others as LlamaForCausalLM. A value head
-    has no Hugging Face counterpart and is not written (a warning says so). Returns ``path``.
+    has no Hugging Face counterpart and is not written (a warning says so). ``tokenizer`` (an
+    :class:`HFTokenizer` or a folder holding one) is written beside the weights, and its EOS/BOS/pad ids go
+    into config.json and generation_config.json, so ``AutoTokenizer``/``AutoModelForCausalLM`` load the
+    folder as one model. Returns ``path``.
     """
     path = os.fspath(path)
     cfg = model.cfg  # resolved: num_kv_heads, head_dim and mlp_dim are filled in
@@ -270,6 +289,15 @@ def to_hf(model: TransformerLM, path) -> str:
         assert tensors[name].shape == tuple(shape), (name, tensors[name].shape, shape)
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, SINGLE_FILE), metadata={"format": "pt"})
+    hf = config_to_hf(cfg, arch)
+    if tokenizer is not None:
+        tok = tokenizer if isinstance(tokenizer, HFTokenizer) else load_tokenizer(tokenizer)
+        check_vocab(cfg.vocab_size, tok, getattr(tok, "path", ""))
+        tok.save(path)
+        ids = dict(eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id)
+        hf.update(ids)
+        with open(os.path.join(path, "generation_config.json"), "w") as f:
+            json.dump({k: v for k, v in ids.items() if v is not None}, f, indent=2)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(cfg, arch), f, indent=2)
+        json.dump(hf, f, indent=2)
     return path

@@ -445,12 +445,31 @@ def rapo(batch, *, alpha=1e-3, entropy_coef=0.0, clip_eps_low=0.2, clip_eps_high
          clip_c=None, loss_agg="seq-mean-token-mean", loss_agg_norm=None, group_size=None):
     """RAPO-style forward-KL regularization (arXiv 2510.03865): J = E[A] − α KL(π_ref‖π_θ) + c_H H(π_θ).
 
-    The forward-KL term is α·SG(w)·k3(log π_θ, log π_ref) per token, samples from π_old: its
-    expected gradient is E_π[(1 − ρ)∇log π] = −Σ_y π_ref ∇log π = ∇KL(π_ref‖π_θ) exactly, on- and
-    off-policy (tests). The sheet's estimator ρ log ρ − ρ + 1 is *not* used: as a loss its expected
-    gradient is −Σ π_ref log ρ ∇log π, which is not the forward-KL gradient (test
-    ``test_rapo_sheet_estimator_is_not_forward_kl``). The paper's reward-reweighted reference
-    π_ref^{φ(r)}/Z is not implemented (its normalizer is not available from samples).
+    The forward-KL term is α·SG(w)·k3(log π_θ, log π_ref) per token, samples from π_old. In one
+    state (a bandit, or one token given its prefix h) its expected gradient is
+    E_π[(1 − ρ)∇log π] = −Σ_y π_ref(y|h) ∇log π(y|h) = ∇KL(π_ref(·|h)‖π_θ(·|h)) exactly, on- and
+    off-policy (``test_rapo_forward_kl_off_policy``). **On sequences** this is per state: with
+    ``seq-mean-token-sum`` the expected gradient is Σ_h d_π(h)·∇KL(π_ref(·|h)‖π_θ(·|h)), the
+    per-state forward KLs summed over the states the *policy* visits (d_π held constant), not
+    ∇KL(π_ref(y)‖π_θ(y)) of the sequence distributions, whose per-state terms are weighted by the
+    *reference's* visitation d_ref(h) instead (``test_rapo_sequences_per_state_forward_kl``; the
+    README says the same of per-token reverse-KL losses). The sheet's estimator ρ log ρ − ρ + 1 is
+    *not* used as the loss: its expected gradient is −Σ π_ref log ρ ∇log π, which is not the
+    forward-KL gradient (``test_rapo_sheet_estimator_is_not_forward_kl``).
+
+    Metric ``kl_forward``: token mean of SG(w)·(ρ log ρ − ρ + 1), ρ = π_ref/π_θ, an unbiased,
+    non-negative estimate of the regularized KL(π_ref‖π_θ) per visited state (reference first).
+    No ``kl`` key is logged: in TRL's naming that is the reverse KL(π_θ‖π_ref), which RAPO does
+    not regularize.
+
+    Reward-reweighted reference π_ref^{φ(r)}/Z (the paper's): pass
+    ``batch['ref_logp'] = reweighted_reference_logp(ref_logp, phi_r)`` = φ(r)·log π_ref, an
+    *unnormalized* reference π̃ = π_ref^{φ(r)}. The same estimator's expected gradient is then
+    −Σ_y π̃(y)∇log π(y) = Z·∇KL(π̃/Z‖π_θ): the forward KL to the normalized reweighted reference,
+    scaled by the constant Z = Σ_y π_ref(y)^{φ(r(y))}, so Z never has to be computed
+    (``test_rapo_reweighted_reference_is_unnormalized_forward_kl``; exact for one step, per state
+    on sequences as above). ``kl_forward`` then estimates the unnormalized KL
+    Σ π̃ log(π̃/π) − Σ π̃ + 1.
     The entropy bonus needs ``batch['logits']``.
     """
     ops.check_range("alpha", alpha, 0.0)
@@ -462,16 +481,45 @@ def rapo(batch, *, alpha=1e-3, entropy_coef=0.0, clip_eps_low=0.2, clip_eps_high
 
     def forward_kl_term(logp, ref, teacher, lr, mask):
         value = _masked(kl_estimate(logp, ref, "k3"), mask)
-        extra = alpha * SG(jnp.exp(lr)) * value
+        w = SG(jnp.exp(lr))
+        extra = alpha * w * value
         if _active(entropy_coef):
             extra = extra - entropy_coef * ops.entropy(batch["logits"])
-        return extra, {"kl": ops.masked_mean(SG(value), mask)}
+        metrics = {}
+        if ref is not None:
+            log_rho = SG(jnp.clip(ref - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+            rho = jnp.exp(log_rho)
+            fwd = _masked(w * (rho * log_rho - rho + 1.0), mask)
+            metrics["kl_forward"] = ops.masked_mean(fwd, mask)
+        return extra, metrics
 
-    return _ppo_family(batch, beta=0.0, kl_estimator="k3", kl_in="loss",
-                       importance_weight="none", clip_eps_low=clip_eps_low,
-                       clip_eps_high=clip_eps_high, clip_c=clip_c, loss_agg=loss_agg,
-                       loss_agg_norm=loss_agg_norm, adv_fn=adv_lib.group_normalized,
-                       group_size=group_size, extra_loss=(False, forward_kl_term))
+    loss, metrics = _ppo_family(batch, beta=0.0, kl_estimator="k3", kl_in="loss",
+                                importance_weight="none", clip_eps_low=clip_eps_low,
+                                clip_eps_high=clip_eps_high, clip_c=clip_c, loss_agg=loss_agg,
+                                loss_agg_norm=loss_agg_norm, adv_fn=adv_lib.group_normalized,
+                                group_size=group_size, extra_loss=(False, forward_kl_term))
+    metrics.pop("kl", None)  # the shared body's k3 mean estimates the reverse KL: not logged
+    return loss, metrics
+
+
+def reweighted_reference_logp(ref_logp, phi_r):
+    """φ(r)·log π_ref: RAPO's reward-reweighted reference π_ref^{φ(r)} as *unnormalized* log-probs.
+
+    ``ref_logp`` ``[B, T]`` (per token) or ``[B]``; ``phi_r`` ``[B]``, the weight φ(r) ≥ 0 of each
+    sequence's reward (one scalar per row, broadcast over its tokens). Feed the result to ``rapo``
+    as ``batch['ref_logp']``: its forward-KL term then follows Z·∇KL(π_ref^{φ(r)}/Z‖π_θ) without Z
+    (see ``rapo``). Stop-gradient, like every reference.
+    """
+    ref = jnp.asarray(ref_logp)
+    phi = jnp.asarray(phi_r, jnp.promote_types(ref.dtype, jnp.float32))
+    if phi.ndim != 1 or ref.ndim not in (1, 2) or phi.shape[0] != ref.shape[0]:
+        raise ValueError(f"phi_r has shape {list(phi.shape)} but must be [B] with B = ref_logp.shape[0] "
+                         f"(ref_logp has shape {list(ref.shape)}, [B] or [B, T])")
+    if ref.ndim == 2:
+        phi = phi[:, None]
+    # φ = 0 turns a −inf log-prob (a token the reference never emits) into 0 = log 1, not NaN.
+    out = jnp.where(phi == 0, 0.0, phi * ref)
+    return SG(out)
 
 
 # --------------------------------------------------------------------------------------------

@@ -167,8 +167,16 @@ def _guidance_offset(critic_logits, eta, kind, atoms):
     return c * inv  # CD: critic_logits hold E[Z] = Q^{π_ref}
 
 
-def restrict_top_k(ref_logits, logits, top_k: int):
-    """Set ``logits`` to −inf outside the ``top_k`` largest ``ref_logits`` (ties at the k-th kept)."""
+TOP_K_REST = ("mask", "reference")
+
+
+def restrict_top_k(ref_logits, logits, top_k: int, rest: str = "mask"):
+    """Keep ``logits`` on the ``top_k`` largest ``ref_logits`` (ties at the k-th kept); the rest:
+
+    * ``rest="mask"``: −inf (those tokens are never sampled; the Q♯ star-graph code);
+    * ``rest="reference"``: the reference logits, unguided (the Q♯ math-reasoning code).
+    """
+    ops.check_choice("top_k_rest", rest, TOP_K_REST)
     v = jnp.shape(ref_logits)[-1]
     try:
         top_k = operator.index(top_k)
@@ -179,10 +187,12 @@ def restrict_top_k(ref_logits, logits, top_k: int):
     if top_k >= v:
         return logits
     kth = jax.lax.top_k(jax.lax.stop_gradient(ref_logits), top_k)[0][..., -1:]
-    return jnp.where(ref_logits >= kth, logits, -jnp.inf)
+    other = -jnp.inf if rest == "mask" else jnp.asarray(ref_logits, jnp.result_type(logits))
+    return jnp.where(ref_logits >= kth, logits, other)
 
 
-def qsharp_logits(ref_logits, critic_logits, eta, kind, atoms=None, top_k: Optional[int] = None):
+def qsharp_logits(ref_logits, critic_logits, eta, kind, atoms=None, top_k: Optional[int] = None,
+                  top_k_rest: str = "mask"):
     """Guided next-token logits ``ref_logits + Q/η``, the per-token form of π ∝ π_ref·exp(Q/η).
 
     * ``kind='bernoulli'`` (Q♯): ``critic_logits [..., V]`` are logits of each next token's
@@ -196,12 +206,20 @@ def qsharp_logits(ref_logits, critic_logits, eta, kind, atoms=None, top_k: Optio
     E_π[r] − η·KL(π‖π_ref) (reverse KL; Q♯, Zhou et al. 2025, Eq. 2 and Eq. 5). CD's offset
     uses the mean instead, which is exact only when the reward-to-go is deterministic.
 
-    ``eta`` is the paper's η (the KL weight; the Q♯ *math* code passes 1/η). ``top_k`` keeps the
-    reference's k most likely tokens and sets the rest to −inf, as the Q♯ decoding code does.
+    **Temperature:** that holds when these logits are sampled at temperature 1. A sampler that
+    divides them by τ afterwards (kljax's logits processors run *before* temperature) samples
+    ∝ (π_ref·exp(Q/η))^{1/τ}, which is not π⋆ for τ ≠ 1 (not even π⋆ at another η: the
+    reference is sharpened too) (``test_guided_policy_is_optimal_only_at_temperature_one``).
+
+    ``eta`` is the paper's η (the KL weight; the Q♯ *math* code passes 1/η). ``top_k`` restricts
+    guidance to the reference's k most likely tokens; ``top_k_rest`` sets the other tokens to
+    −inf (``"mask"``, the default, as the Q♯ star-graph code) or leaves them at their reference
+    logits (``"reference"``, as the Q♯ math code); either way π⋆ is only exact with no top-k.
     −inf reference logits stay −inf. The returned logits are not normalized.
     """
     check = ops.check_choice
     check("kind", kind, KINDS)
+    check("top_k_rest", top_k_rest, TOP_K_REST)
     ref = ops._upcast(jnp.asarray(ref_logits))
     c_shape = tuple(jnp.shape(critic_logits))
     expected = ref.shape + ((c_shape[-1],) if kind == "histogram" and len(c_shape) else ())
@@ -214,7 +232,7 @@ def qsharp_logits(ref_logits, critic_logits, eta, kind, atoms=None, top_k: Optio
     offset = _guidance_offset(critic_logits, eta, kind, atoms)
     out = ref + offset.astype(ref.dtype)
     if top_k is not None:
-        out = restrict_top_k(ref, out, top_k)
+        out = restrict_top_k(ref, out, top_k, top_k_rest)
     return out
 
 
@@ -482,5 +500,5 @@ __all__ = [
     "qstar_bernoulli", "qstar_histogram", "histogram_mean", "qsharp_logits", "restrict_top_k",
     "optimal_policy_logits", "dera_logits", "qsharp_bce", "qsharp_histogram", "project_returns",
     "scaled_log_softmax", "soft_value", "munchausen_target", "mdvi_policy_logits", "mdvi_target",
-    "KINDS", "PROJECTIONS",
+    "KINDS", "PROJECTIONS", "TOP_K_REST",
 ]

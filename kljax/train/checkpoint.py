@@ -11,10 +11,17 @@ Retention: the last `keep` checkpoints, plus the best one by `best_metric` (from
 passed to `save`), are kept; orbax deletes the others. Nothing else is ever deleted or overwritten:
 saving a step that already exists raises.
 
+Faults: a failed background save is raised by `check()` (called every step by `run_loop`) as
+`SaveFailedError`, so a run never trains on without checkpoints; `restore_latest` skips a latest
+checkpoint that cannot be read (emptied `_METADATA`, truncated data file), warns naming the step and
+file, restores the previous complete one and moves the unreadable ones to `checkpoints.corrupt/`.
+
 Config guard: the first `Manager` in a workdir writes `config.json`; later ones compare the new
 config with it and raise `ConfigMismatchError` naming every differing field unless all differences
 match `ALLOWED_CHANGES` (fnmatch patterns on dotted field names). `config.json` keeps the config of
-the first start; it is never rewritten.
+the first start; it is rewritten only when the workdir holds no finished checkpoint (a start that
+failed before its first checkpoint cannot be resumed, so a corrected config may start afresh; the old
+file is kept as `config.replaced.json`).
 """
 from __future__ import annotations
 
@@ -39,11 +46,39 @@ ALLOWED_CHANGES: tuple[str, ...] = (
 )
 
 CONFIG_FILE = "config.json"
+REPLACED_CONFIG_FILE = "config.replaced.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
 class ConfigMismatchError(RuntimeError):
     """The workdir holds a run of a different config; nothing in it was changed."""
+
+
+class SaveFailedError(RuntimeError):
+    """A checkpoint save failed (e.g. disk full); the run stops rather than continue unprotected."""
+
+
+CORRUPT_DIR = "checkpoints.corrupt"  # unreadable checkpoints are moved here (never deleted)
+_JSON_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/_sharding", "data/metadata")
+
+
+def _unreadable_file(step_dir: str) -> tuple[str, str] | None:
+    """(path, reason) of the first metadata file of a checkpoint that is missing, empty or not JSON."""
+    for rel in _JSON_FILES:
+        path = os.path.join(step_dir, rel)
+        if not os.path.exists(path):
+            if rel == "state/_METADATA":
+                return path, "missing"
+            continue
+        try:
+            with open(path) as f:
+                text = f.read()
+            if not text.strip():
+                return path, "empty"
+            json.loads(text)
+        except (OSError, ValueError) as e:
+            return path, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    return None
 
 
 def check_or_write_config(workdir: str, config: Any, allowed: Iterable[str] = ALLOWED_CHANGES) -> dict:
@@ -61,6 +96,15 @@ def check_or_write_config(workdir: str, config: Any, allowed: Iterable[str] = AL
         diff = config_diff(old, new)
         allowed = tuple(allowed)
         bad = {k: v for k, v in diff.items() if not matches_any(k, allowed)}
+        if bad and not has_checkpoint(workdir):
+            # The earlier start stopped before its first checkpoint (e.g. it failed at step 1): nothing
+            # can resume from it, so the corrected command starts afresh. The old config is kept aside.
+            if jax.process_index() == 0:
+                os.replace(path, os.path.join(workdir, REPLACED_CONFIG_FILE))
+                _write_json(path, new)
+            print(f"note: {workdir} held a run with another config but no checkpoint; starting afresh with this "
+                  f"config (the old one is kept as {REPLACED_CONFIG_FILE}).", flush=True)
+            return {}
         if bad:
             lines = "\n".join(f"  {k}: {o!r} (in workdir) != {n!r} (now)" for k, (o, n) in bad.items())
             raise ConfigMismatchError(
@@ -70,11 +114,23 @@ def check_or_write_config(workdir: str, config: Any, allowed: Iterable[str] = AL
         return diff
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(new, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)  # atomic: a crash never leaves a half-written config.json
+        _write_json(path, new)
     return {}
+
+
+def _write_json(path: str, value: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written file
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether `workdir` (or a pipeline stage directly under it) holds a finished checkpoint step."""
+    dirs = [os.path.join(workdir, CHECKPOINT_DIR)]
+    if os.path.isdir(workdir):
+        dirs += [os.path.join(workdir, d, CHECKPOINT_DIR) for d in os.listdir(workdir)]
+    return any(os.path.isdir(d) and any(x.isdigit() for x in os.listdir(d)) for d in dirs)
 
 
 def _encode_data_state(data_state: Any) -> Any:
@@ -152,22 +208,54 @@ class Manager:
         step = int(step)
         if not force and step % self.every:
             return False
+        self.check()
         if self.best_metric and metrics is not None and self.best_metric not in metrics:
             raise KeyError(f"checkpoint metrics lack best_metric {self.best_metric!r} (config checkpoint.best_metric); "
                            f"got {sorted(metrics)}.")
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=ocp.args.JsonSave({"data_state": _encode_data_state(data_state)}))
         m = None if metrics is None else {k: _scalar(jax.device_get(v)) for k, v in metrics.items()}
-        return self._mgr.save(step, args=args, metrics=m, force=True)
+        try:
+            return self._mgr.save(step, args=args, metrics=m, force=True)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise self._failed(e, step) from e
+
+    def _failed(self, e: BaseException, step: int | None = None) -> SaveFailedError:
+        last = [s for s in self.all_steps() if s != step]
+        where = f"step {step} " if step is not None else ""
+        return SaveFailedError(
+            f"saving checkpoint {where}in {self.directory} failed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); the run stopped rather than continue without "
+            f"checkpoints. Last complete checkpoint: {('step ' + str(last[-1])) if last else 'none'}. "
+            "Fix the cause (e.g. free disk space) and rerun the same command to resume.")
+
+    def check(self) -> None:
+        """Raise `SaveFailedError` if an earlier asynchronous save failed (cheap; call every step)."""
+        try:
+            self._mgr.check_for_errors()
+            t = self._mgr._finalize_thread.get()  # orbax keeps the last finalize thread's exception
+            if t is not None and not t.is_alive() and t.exception is not None:
+                t.join()  # raises the exception once
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 (whatever killed the background save)
+            raise self._failed(e) from e
 
     def wait(self) -> None:
-        """Block until every started save is written and committed."""
-        self._mgr.wait_until_finished()
+        """Block until every started save is written and committed (`SaveFailedError` if one failed)."""
+        try:
+            self._mgr.wait_until_finished()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001
+            raise self._failed(e) from e
 
     def close(self) -> None:
         """Wait for pending saves and release the manager (call on every exit path)."""
-        self._mgr.wait_until_finished()
-        self._mgr.close()
+        try:
+            self.wait()
+        finally:
+            self._mgr.close()
 
     def __enter__(self) -> "Manager":
         return self
@@ -227,6 +315,58 @@ class Manager:
         return node
 
     def restore_latest(self, target: Any) -> tuple[Any, Any] | None:
-        """`restore(latest_step(), target)`, or None when the workdir has no finished checkpoint."""
-        step = self.latest_step()
-        return None if step is None else self.restore(step, target)
+        """`restore(latest_step(), target)`, or None when the workdir has no finished checkpoint.
+
+        A latest checkpoint that cannot be read (a truncated or emptied file, e.g. after a disk-full
+        crash) is skipped with a warning naming its step and file, and the previous complete one is
+        restored; the unreadable ones are then moved to `workdir/checkpoints.corrupt/` (kept, not
+        deleted) so later saves of those steps are possible. If no checkpoint can be restored, the
+        latest one's error is raised and nothing is moved.
+        """
+        steps = self.all_steps()
+        failed: list[tuple[int, str]] = []
+        for step in reversed(steps):
+            step_dir = os.path.join(self.directory, str(step))
+            bad = _unreadable_file(step_dir)
+            if bad is not None:
+                problem = f"{bad[0]} is {bad[1]}"
+            else:
+                try:
+                    out = self.restore(step, target)
+                except Exception as e:  # noqa: BLE001 (tensorstore/orbax raise many kinds)
+                    if not failed and step == steps[0]:
+                        raise
+                    problem = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''} (in {step_dir})"
+                    if step == steps[0]:
+                        raise RuntimeError(f"no checkpoint in {self.directory} can be restored: "
+                                           + "; ".join(f"step {s}: {p}" for s, p in failed + [(step, problem)])) from e
+                else:
+                    self._quarantine([s for s, _ in failed])
+                    return out
+            print(f"warning: checkpoint step {step} cannot be restored: {problem}; trying the previous one.",
+                  flush=True)
+            failed.append((step, problem))
+        if failed:
+            raise RuntimeError(f"no checkpoint in {self.directory} can be restored: "
+                               + "; ".join(f"step {s}: {p}" for s, p in failed))
+        return None
+
+    def _quarantine(self, steps: list[int]) -> None:
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            dest = os.path.join(self.workdir, CORRUPT_DIR)
+            os.makedirs(dest, exist_ok=True)
+            for s in steps:
+                target = os.path.join(dest, str(s))
+                n = 1
+                while os.path.exists(target):
+                    target = os.path.join(dest, f"{s}.{n}")
+                    n += 1
+                os.replace(os.path.join(self.directory, str(s)), target)
+                print(f"warning: moved unreadable checkpoint step {s} to {target}; resuming from the previous one.",
+                      flush=True)
+        from jax.experimental import multihost_utils
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("kljax_checkpoint_quarantine")
+        self._mgr.reload()

@@ -47,7 +47,7 @@ from kljax.config import ConfigError, require
 from kljax.models import TransformerLM, lm_config, positions_from_valid
 from kljax.sampling import generate
 from kljax.tasks import base as task_base
-from kljax.train import checkpoint, metrics as metrics_lib, sharding as shd, state as state_lib
+from kljax.train import checkpoint, interrupt, metrics as metrics_lib, sharding as shd, state as state_lib
 
 EVAL_FILE = "eval.json"
 
@@ -68,7 +68,15 @@ LOOP_MODULES = {
 
 def task_kwargs(cfg: Any) -> dict:
     """Task parameters of `cfg.task` (everything but `name` and `data_dir`)."""
-    return {k: v for k, v in cfg.task.items() if k not in ("name", "data_dir")}
+    kw = {k: v for k, v in cfg.task.items() if k not in ("name", "data_dir", "module")}
+    if cfg.task.get("name") == "files" and not kw.get("tokenizer_path"):  # the policy's own tokenizer
+        kw["tokenizer_path"] = hf_path(cfg)
+    return kw
+
+
+def hf_path(cfg: Any) -> str:
+    """`cfg.model.hf_path` (a Hugging Face checkpoint folder the policy starts from) or ""."""
+    return str(cfg.model.get("hf_path", "") or "") if "model" in cfg else ""
 
 
 def build_task(cfg: Any) -> task_base.Task:
@@ -76,6 +84,11 @@ def build_task(cfg: Any) -> task_base.Task:
 
     Raises `ConfigError` naming `task.name` / the bad parameter and the valid choices.
     """
+    if cfg.task.get("module", ""):
+        try:
+            tasks.import_module(cfg.task.module)
+        except Exception as e:  # noqa: BLE001 — any import failure is a config error here
+            raise ConfigError(f"config field `task.module` = {cfg.task.module!r}: import failed: {e!r}") from None
     name = require(cfg, "task.name", lambda v: isinstance(v, str) and bool(v),
                    f"name a task, one of {tasks.names()}.")
     try:
@@ -93,13 +106,37 @@ def data_dir(cfg: Any) -> str | None:
 
 def model_config(cfg: Any, task: task_base.Task | None = None) -> ml_collections.ConfigDict:
     """`cfg.model` with `vocab_size`/`max_len` filled from the task where they are 0 or None."""
-    mc = lm_config(**{k: v for k, v in cfg.model.items()})
+    if hf_path(cfg):
+        return hf_model_config(cfg)
+    mc = lm_config(**{k: v for k, v in cfg.model.items() if k != "hf_path"})
     if not mc.vocab_size or not mc.max_len:
         task = task or build_task(cfg)
         if not mc.vocab_size:
             mc.vocab_size = task.vocab_size
         if not mc.max_len:
             mc.max_len = task.prompt_len + task.completion_len
+    return mc
+
+
+def hf_model_config(cfg: Any) -> ml_collections.ConfigDict:
+    """The `lm_config` of `cfg.model.hf_path`'s config.json; from `cfg.model` only dtype, param_dtype,
+    value_head, num_atoms and a non-zero max_len apply (the architecture is the checkpoint's)."""
+    from kljax.models.hf import config_from_hf
+    path = hf_path(cfg)
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_file):
+        raise ConfigError(f"config field `model.hf_path` = {path!r}: no config.json there; point it at a local "
+                          "Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files).")
+    with open(cfg_file) as f:
+        hf = json.load(f)
+    m = cfg.model
+    over = {k: m[k] for k in ("dtype", "param_dtype", "value_head", "num_atoms") if k in m}
+    if m.get("max_len", 0):
+        over["max_len"] = int(m.max_len)
+    try:
+        mc, _ = config_from_hf(hf, path, **over)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"config field `model.hf_path` = {path!r}: {e}") from None
     return mc
 
 
@@ -121,11 +158,20 @@ def optim_config(cfg: Any) -> dict:
 
 
 def create_state(cfg: Any, mesh: jax.sharding.Mesh, task: task_base.Task | None = None, *,
-                 model_fn: Callable[[nnx.Rngs], nnx.Module] | None = None) -> state_lib.TrainState:
-    """Fresh sharded `TrainState` (model from `cfg.model`, optimizer from `cfg.optim`, rng from `cfg.seed`)."""
+                 model_fn: Callable[[nnx.Rngs], nnx.Module] | None = None,
+                 pretrained: bool = True) -> state_lib.TrainState:
+    """Fresh sharded `TrainState` (model from `cfg.model`, optimizer from `cfg.optim`, rng from `cfg.seed`).
+
+    With `cfg.model.hf_path` the params are that checkpoint's (`pretrained=False`: random params of the
+    same shapes, e.g. a target to restore a checkpoint into)."""
     mc = model_config(cfg, task)
-    model_fn = model_fn or (lambda rngs: TransformerLM(mc, rngs=rngs))
     tx = state_lib.optimizer_from_config(optim_config(cfg))
+    if hf_path(cfg) and model_fn is None and pretrained:
+        from kljax.models.hf import from_hf
+        model = from_hf(hf_path(cfg), dtype=mc.dtype, param_dtype=mc.param_dtype, max_len=mc.max_len,
+                        value_head=mc.value_head, num_atoms=mc.num_atoms, seed=int(cfg.seed))
+        return state_lib.train_state_from_model(model, tx, mesh, shd.DEFAULT_RULES, int(cfg.seed))
+    model_fn = model_fn or (lambda rngs: TransformerLM(mc, rngs=rngs))
     return state_lib.create_train_state(model_fn, tx, mesh, shd.DEFAULT_RULES, int(cfg.seed))
 
 
@@ -180,7 +226,7 @@ def load_state_from(workdir: str, mesh: jax.sharding.Mesh, step: int | None = No
     (RL with a reset reference) the train part is returned.
     """
     cfg = read_config(workdir)
-    target = create_state(cfg, mesh)
+    target = create_state(cfg, mesh, pretrained=False)
     mgr = checkpoint.Manager(workdir, None)
     try:
         step = mgr.latest_step() if step is None else step
@@ -486,30 +532,42 @@ def run_loop(cfg: Any, workdir: str, *, state: Any, step_fn: Callable[[Any, Any]
     os.makedirs(workdir, exist_ok=True)
     mgr = checkpoint_manager(cfg, workdir)
     t0 = time.time()
+    stop = interrupt.StopRequest()
     try:
+        stored = _finished_results(workdir, mgr, total)
+        if stored is not None:  # a finished run: report it, write nothing
+            print(f"{workdir}: run already finished (step {total} of {total}); stored results from "
+                  f"{os.path.join(workdir, EVAL_FILE)}.", flush=True)
+            return stored
         restored = mgr.restore_latest(state)
         resume = None
         if restored is not None:
             state, data_state = restored
             resume = _step_of(state)
+            print(f"resumed from step {resume} of {total}, checkpoint {os.path.join(mgr.directory, str(resume))}",
+                  flush=True)
             if batches is not None and data_state is not None:
                 batches.set_state(data_state)
             if on_restore is not None:
                 state = on_restore(state)
         start = _step_of(state)
         best_metric = mgr.best_metric
-        writer = metrics_lib.Writer(workdir, resume_step=resume)
+        # A fresh start moves metrics of an earlier start that never reached a checkpoint aside (step > 0).
+        writer = metrics_lib.Writer(workdir, resume_step=0 if resume is None else resume)
         bar = metrics_lib.ProgressBar(total, initial=start, keys=tuple(bar_keys) + ("eval/accuracy",),
                                       desc=desc or os.path.basename(os.path.normpath(workdir)))
         last_eval: dict = {}
         try:
+            stop.__enter__()
             step = start
             while step < total:
+                t_step = time.perf_counter()
                 batch = next(batches) if batches is not None else None
                 state, m = step_fn(state, batch)
                 step += 1
                 m = dict(m)
-                metrics_lib.check_finite(m, step, mgr.latest_step(), workdir)
+                metrics_lib.check_finite(m, step, mgr.latest_step(), workdir)  # waits for the step's values
+                m["time/step_s"] = time.perf_counter() - t_step
                 ev = None
                 if eval_fn is not None and eval_every and step % eval_every == 0 and step < total:
                     ev = eval_fn(state)
@@ -526,6 +584,12 @@ def run_loop(cfg: Any, workdir: str, *, state: Any, step_fn: Callable[[Any, Any]
                         ev_for_ckpt = ev
                     mgr.save(step, state, batches.get_state() if batches is not None else None,
                              metrics=ev_for_ckpt if best_metric else None)
+                mgr.check()  # a failed background save stops the run
+                if step < total and stop.should_stop(step):
+                    if mgr.latest_step() != step:
+                        mgr.save(step, state, batches.get_state() if batches is not None else None, force=True)
+                    mgr.wait()
+                    raise interrupt.Interrupted(stop.signum, step, total, mgr.directory)
             final = eval_fn(state) if eval_fn is not None else dict(last_eval)
             if final:
                 writer.write(total, final)
@@ -534,6 +598,7 @@ def run_loop(cfg: Any, workdir: str, *, state: Any, step_fn: Callable[[Any, Any]
                 mgr.save(total, state, batches.get_state() if batches is not None else None,
                          metrics=final if ok else None, force=True)
         finally:
+            stop.__exit__()
             bar.close()
             writer.close()
     finally:
@@ -542,6 +607,20 @@ def run_loop(cfg: Any, workdir: str, *, state: Any, step_fn: Callable[[Any, Any]
     result.update(step=total, wall_s=time.time() - t0)
     write_eval(workdir, result)
     return result
+
+
+def _finished_results(workdir: str, mgr: checkpoint.Manager, total: int) -> dict | None:
+    """The stored `eval.json` when the run in `workdir` already reached `total` (else None)."""
+    if mgr.latest_step() != total or not os.path.exists(os.path.join(workdir, EVAL_FILE)):
+        return None
+    try:
+        stored = read_eval(workdir)
+    except (OSError, ValueError):
+        return None
+    return stored if int(stored.get("step", -1)) == total else None
+
+
+Interrupted = interrupt.Interrupted
 
 
 def make_step(loss_fn: Callable, cfg: Any, mesh: jax.sharding.Mesh, ts: Any, accum_steps: int = 1) -> Callable:
@@ -614,6 +693,11 @@ def validate_common(cfg: Any) -> None:
     if "eval" in cfg:
         require(cfg, "eval.batch_size", lambda v: int(v) >= 1 and int(v) % dp == 0,
                 f"use a positive multiple of the data-parallel size {dp}.", default=128)
+    if "checkpoint" in cfg:
+        require(cfg, "checkpoint.every", lambda v: int(v) >= 1, "save every N >= 1 steps.", default=100)
+        require(cfg, "checkpoint.keep", lambda v: int(v) >= 1, "keep at least the latest checkpoint (>= 1).",
+                default=3)
+        require(cfg, "checkpoint.best_mode", lambda v: v in ("max", "min"), "use 'max' or 'min'.", default="max")
     try:
         state_lib.optimizer_from_config(optim_config(cfg))
     except ConfigError as e:
@@ -648,9 +732,24 @@ def loop_module(cfg: Any):
             from None
 
 
+# Loops that run as the same program on every process (a pipeline's stages are checked one by one).
+MULTI_PROCESS_LOOPS = frozenset({"sft", "rl", "pipeline"})
+
+
+def check_process_count(cfg: Any) -> None:
+    """Refuse, before anything runs, a loop that gathers its roll-outs on one host in a multi-process run."""
+    n = jax.process_count()
+    if n > 1 and cfg.loop not in MULTI_PROCESS_LOOPS:
+        raise ConfigError(
+            f"config field `loop` = {cfg.loop!r} runs in one process only, and this run has {n} processes "
+            f"(its roll-outs are still gathered on one host). Run it as one process that sees all devices "
+            f"(on CPU: --host_devices=N), or use a loop that runs on several: {sorted(MULTI_PROCESS_LOOPS - {'pipeline'})}.")
+
+
 def validate(cfg: Any, check_paths: bool = True) -> None:
     """All config checks of `cfg.loop` (run by `kljax.main` before anything is compiled)."""
     mod = loop_module(cfg)
+    check_process_count(cfg)
     import inspect
     if hasattr(mod, "validate"):
         if "check_paths" in inspect.signature(mod.validate).parameters:
@@ -659,3 +758,6 @@ def validate(cfg: Any, check_paths: bool = True) -> None:
             mod.validate(cfg)
     else:
         validate_common(cfg)
+    if cfg.get("loop", "") != "pipeline":
+        from kljax.train import preflight
+        preflight.check_objective_hparams(cfg)

@@ -27,7 +27,11 @@ Digits (`task.name = "digits"`): classic Hinton KD of a classifier: the teacher 
 `distill.teacher_steps` steps in `workdir/teacher` (or loaded from `distill.teacher_from`), then the
 student `model` with `objective` on its class logits (`kd` with α = 0 is the no-KD baseline).
 
-Config fields (`distill.*`): teacher_from, teacher_smoothing, data, lam, temperature, phi,
+Teacher from a Hugging Face folder (`distill.teacher_hf_path`, instead of `teacher_from`): it must share
+the student's tokenizer; vocabularies that differ only by padding rows are compared on the common ids
+(`kljax.models.aligned_vocab_size`), any other difference is an error naming both sizes.
+
+Config fields (`distill.*`): teacher_from, teacher_hf_path, teacher_smoothing, data, lam, temperature, phi,
 replay_size, replay_ratio (LM); teacher_model, teacher_steps, teacher_model_key (digits).
 """
 from __future__ import annotations
@@ -200,14 +204,19 @@ def validate(cfg, check_paths: bool = True) -> None:
                 "digits KD needs `distill.teacher_model = classifier_config(...)` for the teacher.")
         return
     data = require(cfg, "distill.data", lambda v: v in DATA_SOURCES, f"use one of {DATA_SOURCES}.")
-    teacher = require(cfg, "distill.teacher_from", lambda v: isinstance(v, str) and (v != "" or not check_paths),
-                      "a distillation loss needs a teacher: set `distill.teacher_from` to the workdir of a "
-                      "trained model (e.g. an sft stage), or 'source' for synthetic_lm's true distribution.")
-    if teacher == "source" and cfg.task.name != "synthetic_lm":
-        raise ConfigError(f"config field `distill.teacher_from` = 'source' needs task.name='synthetic_lm' "
-                          f"(the only task with a known source distribution); got {cfg.task.name!r}.")
-    if check_paths and teacher != "source":
-        common.check_run_exists(teacher, "distill.teacher_from")
+    if cfg.distill.get("teacher_hf_path", ""):  # a Hugging Face teacher sharing the student's tokenizer
+        if cfg.distill.get("teacher_from", ""):
+            raise ConfigError("set one of `distill.teacher_from` and `distill.teacher_hf_path`, not both.")
+    else:
+        teacher = require(cfg, "distill.teacher_from", lambda v: isinstance(v, str) and (v != "" or not check_paths),
+                          "a distillation loss needs a teacher: set `distill.teacher_from` to the workdir of a "
+                          "trained model (e.g. an sft stage), 'source' for synthetic_lm's true distribution, or "
+                          "`distill.teacher_hf_path` to a Hugging Face folder.")
+        if teacher == "source" and cfg.task.name != "synthetic_lm":
+            raise ConfigError(f"config field `distill.teacher_from` = 'source' needs task.name='synthetic_lm' "
+                              f"(the only task with a known source distribution); got {cfg.task.name!r}.")
+        if check_paths and teacher != "source":
+            common.check_run_exists(teacher, "distill.teacher_from")
     if data == "student":
         require(cfg, "distill.lam", lambda v: 0.0 <= v <= 1.0, "GKD's λ is a probability in [0, 1].")
     if data == "adaptive":
@@ -227,6 +236,7 @@ def lm_distill_loss(model, batch, rng, *, objective, hparams):
     """`objective(student_logits, teacher_logits, loss_mask, **hparams)` on one batch (`kd`/`nkd` also get
     `labels` = the next tokens, their hard-label term)."""
     logits = model(batch["tokens"], positions=batch["positions"], valid=batch["valid"])
+    logits = logits[..., :batch["teacher_logits"].shape[-1]]  # aligned vocabulary (padding rows dropped)
     kw = dict(hparams)
     if objective in (objectives.get("kd"), objectives.get("nkd")):
         # Hard labels = the batch's next tokens (dataset, student or teacher samples).
@@ -243,9 +253,11 @@ class _Teacher:
 
     def __init__(self, cfg, task, mesh=None):
         from kljax.train import common
-        spec = cfg.distill.teacher_from
+        spec = cfg.distill.get("teacher_from", "")
         self.task = task
-        if spec == "source":
+        if cfg.distill.get("teacher_hf_path", ""):
+            self._from_hf(cfg, task, mesh)
+        elif spec == "source":
             self.model = None
             self.smoothing = float(cfg.distill.get("teacher_smoothing", 0.0))
         else:
@@ -257,6 +269,36 @@ class _Teacher:
             graphdef, st = nnx.split(self.model)
             fwd = jax.jit(lambda st, t, p, v: nnx.merge(graphdef, st)(t, positions=p, valid=v))
             self._fwd = lambda t, p, v: fwd(st, t, p, v)
+
+    def _from_hf(self, cfg, task, mesh):
+        """Teacher = `distill.teacher_hf_path`, a Hugging Face folder whose tokenizer is the student's.
+
+        Vocabularies are aligned by `kljax.models.aligned_vocab_size`: equal sizes as they are; sizes that
+        differ only by padding rows past the tokenizer's ids compare the first min(teacher, student) ids
+        (both distributions renormalized there); anything else is a `ConfigError` naming both sizes."""
+        from kljax.models import aligned_vocab_size, from_hf
+        from kljax.models.tokenizer import has_tokenizer, load_tokenizer
+        from kljax.train import common
+        path = cfg.distill.teacher_hf_path
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise ConfigError(f"config field `distill.teacher_hf_path` = {path!r}: no config.json there.")
+        tok = getattr(task, "tokenizer", None)
+        if has_tokenizer(path) and hasattr(tok, "fingerprint"):
+            theirs = load_tokenizer(path)
+            if theirs._tok.get_vocab(with_added_tokens=True) != tok._tok.get_vocab(with_added_tokens=True):
+                raise ConfigError(f"config field `distill.teacher_hf_path` = {path!r}: the teacher's tokenizer "
+                                  f"({theirs.vocab_size} ids) is not the student's ({tok.vocab_size} ids); "
+                                  "distillation needs a shared tokenizer.")
+        mc = common.model_config(cfg, task)
+        self.model = from_hf(path, dtype=mc.dtype, param_dtype=mc.param_dtype)
+        try:
+            self.vocab = aligned_vocab_size(self.model.vocab_size, mc.vocab_size, task.vocab_size)
+        except ValueError as e:
+            raise ConfigError(f"config field `distill.teacher_hf_path` = {path!r}: {e}") from None
+        graphdef, st = nnx.split(self.model)
+        n = self.vocab
+        fwd = jax.jit(lambda st, t, p, v: nnx.merge(graphdef, st)(t, positions=p, valid=v)[..., :n])
+        self._fwd = lambda t, p, v: fwd(st, t, p, v)
 
     def logits(self, b: dict) -> np.ndarray:
         if self.model is None:
@@ -360,7 +402,8 @@ def make_lm_kl_eval(cfg, task, teacher, mesh):
 
     @functools.partial(jax.jit, static_argnums=0)
     def kl(graphdef, st, tokens, positions, valid, target, mask):
-        return exact_kl_metrics(nnx.merge(graphdef, st)(tokens, positions=positions, valid=valid), target, mask)
+        logits = nnx.merge(graphdef, st)(tokens, positions=positions, valid=valid)
+        return exact_kl_metrics(logits[..., :target.shape[-1]], target, mask)
 
     key = jax.random.PRNGKey(int(cfg.seed) + 12345)
     settings = common.eval_settings(cfg)

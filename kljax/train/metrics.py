@@ -98,9 +98,8 @@ class Writer:
             _truncate_after(workdir, int(resume_step))
         self._file = open(os.path.join(workdir, METRICS_FILE), "a")
         if tensorboard:
-            from tensorboardX import SummaryWriter
             purge = None if resume_step is None else int(resume_step) + 1
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
+            self._tb = TensorBoardEvents(os.path.join(workdir, "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Log scalar `metrics` at `step` (one JSON line, flushed); returns the Python values."""
@@ -111,8 +110,7 @@ class Writer:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
-            for k, v in values.items():
-                self._tb.add_scalar(k, v, int(step))
+            self._tb.add_scalars(int(step), values)
         return values
 
     def flush(self) -> None:
@@ -123,19 +121,75 @@ class Writer:
             self._tb.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self.flush()
-            self._file.close()
-            self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        """Flush and close; every file is closed even when a flush fails (the first error is raised)."""
+        f, tb, self._file, self._tb = self._file, self._tb, None, None
+        try:
+            if f is not None:
+                try:
+                    f.flush()
+                    os.fsync(f.fileno())
+                finally:
+                    f.close()
+        finally:
+            if tb is not None:
+                tb.close()
 
     def __enter__(self) -> "Writer":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class TensorBoardEvents:
+    """TensorBoard scalar events written synchronously by the calling thread.
+
+    tensorboardX's `SummaryWriter` writes from a background thread: when that thread dies (e.g. the
+    disk is full) its bounded queue fills and the training loop blocks forever in `add_scalar`.
+    Here a write error (`OSError`, e.g. ENOSPC, naming the file) is raised in the loop itself.
+    `purge_step` marks a restart as `SummaryWriter(purge_step=...)` does, so TensorBoard hides the
+    events of the steps after the restored checkpoint.
+    """
+
+    def __init__(self, logdir: str, purge_step: int | None = None):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        self._Event = Event
+        os.makedirs(logdir, exist_ok=True)
+        self._w = EventsWriter(os.path.join(logdir, "events"))
+        self.path = self._w._file_name
+        if purge_step is not None:
+            self._w.write_event(Event(step=int(purge_step), wall_time=time.time(),
+                                      session_log=SessionLog(status=SessionLog.START)))
+        self._flush()
+
+    def _flush(self, sync: bool = True) -> None:
+        try:
+            if sync:
+                self._w.flush()  # flush + fsync
+            else:
+                self._w._py_recordio_writer._writer.flush()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, e.filename or self.path) from e
+
+    def add_scalars(self, step: int, values: Mapping[str, Any]) -> None:
+        from tensorboardX.summary import scalar
+        now = time.time()
+        for k, v in values.items():
+            self._w.write_event(self._Event(summary=scalar(k, v), step=int(step), wall_time=now))
+        self._flush(sync=False)
+
+    def flush(self) -> None:
+        self._flush()
+
+    def close(self) -> None:
+        try:
+            self._flush()
+        finally:
+            try:
+                self._w._py_recordio_writer.close()
+            except OSError:
+                pass
 
 
 DEFAULT_BAR_KEYS = ("loss", "reward", "kl", "entropy", "accuracy")

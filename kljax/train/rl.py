@@ -7,14 +7,21 @@ One loop step (one *roll-out*):
 2. score them with the task's reward; with `rl.dynamic_sampling` (DAPO) groups whose rewards are all
    equal are dropped and more prompts are sampled (up to `rl.max_sampling_rounds` rounds) until the
    batch is full again; rows still missing are filled with dropped groups (their group advantage is 0);
-3. compute old log-probs (policy before the update), reference log-probs (and the reference
-   logits when `objective.kl_estimator == "exact"`), and a teacher's log-probs (KDRL, `rl.teacher_from`);
+3. old log-probs (policy before the update: the sampler's own log-probs when sampling is untempered
+   and untruncated, else a forward pass; `rl.old_logp = "auto" | "sampler" | "recompute"`), reference
+   log-probs (and the reference logits when `objective.kl_estimator == "exact"`), and a teacher's
+   log-probs (KDRL, `rl.teacher_from`);
 4. run `rl.updates_per_rollout` epochs of minibatch updates (`rl.minibatch_size` rows = whole
    groups) with `objective(batch, **hparams)`, where the batch carries the rewards and
    `group_size` (the objective's own advantage estimator, `rl.advantage = "objective"`) or
    precomputed advantages (`"group_mean_std"`, `"group_mean"`, `"leave_one_out"`, `"batch"`);
 5. reference: `rl.reference = "fixed"` keeps `init_from`'s params; `"reset"` replaces the reference by
    the current policy every `rl.reset_every` roll-outs (RPG's iterative reference / ProRL's reset).
+
+Several processes: each samples and scores its own prompts (its grain shard; a group's G completions
+are made in one process), the rewards become one global array, and advantages, minibatch selection
+(one permutation from the step's seed on every process) and metrics use the global arrays, so the
+numbers process 0 prints describe the whole batch. DAPO's dynamic sampling stays single-process.
 
 `total_steps` counts roll-outs; each runs `updates_per_rollout × rollout_rows / minibatch_size`
 optimizer updates (`optim.total_steps` defaults to that product for the schedule).
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 from typing import Any
 
 import flax.struct
@@ -36,6 +44,7 @@ from kljax import objectives, ops
 from kljax.config import ConfigError, require
 from kljax.objectives import advantages as adv_lib
 from kljax.sampling import generate
+from kljax.tasks.rewards import RewardError
 from kljax.train import common, sharding as shd, state as state_lib
 
 ADVANTAGES = ("objective", "group_mean_std", "group_mean", "leave_one_out", "batch")
@@ -87,6 +96,13 @@ def validate(cfg: Any, check_paths: bool = True) -> None:
         raise ConfigError(f"config field `rl.group_size` = {g}: objective {name!r} with rl.advantage={adv!r} uses a "
                           "group baseline, which is 0 for a single sample (no learning signal); use "
                           "rl.group_size >= 2 or rl.advantage='batch'.")
+    require(cfg, "rl.old_logp", lambda v: v in ("auto", "sampler", "recompute"),
+            "use 'auto' (the sampler's log-probs when sampling is untempered and untruncated), 'sampler' or "
+            "'recompute' (a forward pass of the policy before the update).", default="auto")
+    if r.get("dynamic_sampling", False) and jax.process_count() > 1:
+        raise ConfigError("config field `rl.dynamic_sampling` = True runs in one process only (DAPO's group "
+                          f"filtering is host-side), and this run has {jax.process_count()} processes; "
+                          "set --config.rl.dynamic_sampling=False or run one process.")
     if g < 2 and r.get("dynamic_sampling", False):
         raise ConfigError("config field `rl.dynamic_sampling` = True needs rl.group_size >= 2 (a group of one "
                           "always has zero reward variance).")
@@ -103,11 +119,11 @@ def validate(cfg: Any, check_paths: bool = True) -> None:
                   default="fixed")
     if ref == "reset":
         require(cfg, "rl.reset_every", lambda v: int(v) >= 1, "reset the reference every K >= 1 roll-outs.")
-    if not cfg.get("init_from", ""):
+    if not cfg.get("init_from", "") and not common.hf_path(cfg):
         raise ConfigError("config field `init_from` is empty: loop 'rl' starts from a pretrained model, which is "
                           "also the reference; set --config.init_from=<workdir of an sft run> (e.g. the "
-                          "experiment's `pretrain` arg).")
-    if check_paths:  # a pipeline's later stages point at runs that do not exist yet
+                          "experiment's `pretrain` arg) or --config.model.hf_path=<Hugging Face folder>.")
+    if check_paths and cfg.get("init_from", ""):  # a pipeline's later stages point at runs that do not exist yet
         common.check_run_exists(cfg.init_from, "init_from")
         if r.get("teacher_from", ""):
             common.check_run_exists(r.teacher_from, "rl.teacher_from")
@@ -125,15 +141,27 @@ def _objective_kwargs(cfg: Any, group_size: int) -> tuple[Any, dict]:
     return fn, kw
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _logp_and_logits(graphdef, params, rest, seq, valid, prompt_len, want_logits):
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _logp_and_logits(graphdef, params, rest, seq, valid, prompt_len, want_logits, chunk_rows=0):
+    """Completion log-probs (and logits) of a roll-out, `chunk_rows` rows at a time when that divides
+    the batch: the `[rows, T, V]` logits of a whole roll-out need not fit in memory at once."""
     model = nnx.merge(graphdef, params, rest)
-    logp, logits = common.completion_logp(model, seq, valid, prompt_len)
-    return logp, (logits if want_logits else None)
+
+    def one(rows):
+        logp, logits = common.completion_logp(model, rows[0], rows[1], prompt_len)
+        return logp, (logits if want_logits else None)
+
+    rows = seq.shape[0]
+    if 0 < chunk_rows < rows and rows % chunk_rows == 0:
+        chunks = lambda x: x.reshape(rows // chunk_rows, chunk_rows, *x.shape[1:])
+        logp, logits = jax.lax.map(one, (chunks(seq), chunks(valid)))
+        unchunk = lambda x: None if x is None else x.reshape(rows, *x.shape[2:])
+        return unchunk(logp), unchunk(logits)
+    return one((seq, valid))
 
 
-def _model_logp(graphdef, params, rest, seq, valid, prompt_len, want_logits=False):
-    return _logp_and_logits(graphdef, params, rest, seq, valid, prompt_len, want_logits)
+def _model_logp(graphdef, params, rest, seq, valid, prompt_len, want_logits=False, chunk_rows=0):
+    return _logp_and_logits(graphdef, params, rest, seq, valid, prompt_len, want_logits, chunk_rows)
 
 
 def _repeat(batch, g):
@@ -206,7 +234,8 @@ def run(cfg: Any, workdir: str) -> dict:
         if "total_steps" not in sched_cfg.optim:
             sched_cfg.optim.total_steps = int(cfg.total_steps) * updates_per_step(cfg)
     ts = common.create_state(sched_cfg, mesh, task)
-    ts = common.init_params_from(ts, cfg.init_from, mesh)
+    if cfg.get("init_from", ""):  # else the model.hf_path checkpoint's params (also the reference)
+        ts = common.init_params_from(ts, cfg.init_from, mesh)
     ref_params = jax.tree.map(lambda x: x.copy(), ts.params)
     teacher = None
     if r.get("teacher_from", ""):
@@ -230,56 +259,75 @@ def run(cfg: Any, workdir: str) -> dict:
     sample_kw = dict(temperature=float(r.get("temperature", 1.0)), top_k=int(r.get("top_k", 0)),
                      top_p=float(r.get("top_p", 1.0)))
 
+    reward_stats: dict = {}
+    # Untempered, untruncated sampling draws from the policy itself: its log-probs are the old ones.
+    sampler_is_policy = (r.get("old_logp", "auto") == "sampler" or
+                         (r.get("old_logp", "auto") == "auto" and sample_kw == dict(temperature=1.0, top_k=0, top_p=1.0)))
+    replicated = shd.replicated(mesh)
+    # A minibatch is a gather from the global roll-out, placed straight onto the batch sharding (the same
+    # permutation on every process, no batch through one host).
+    select_rows = jax.jit(lambda tree, idx: jax.tree.map(lambda v: v[idx], tree),
+                          out_shardings=shd.batch_sharding(mesh))
+
     def rollout(model, batch, key):
+        """Sample this process's groups under the mesh, score its own rows on the host, and return
+        global arrays (a group never straddles processes: its G copies are made here)."""
         rep = _repeat(batch, G)
         dev = shd.shard_batch({"prompt": rep["prompt"], "prompt_valid": rep["prompt_valid"]}, mesh)
         out = generate(model, dev["prompt"], dev["prompt_valid"], key, n_new, task.eos_id, pad_id=task.pad_id,
                        **sample_kw)
-        toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
+        toks, mask = shd.local_rows(out.tokens, mesh), shd.local_rows(out.mask, mesh)
+        t0 = time.perf_counter()
         rewards = np.asarray(task.reward(toks, mask, rep), np.float32)
-        return {"sequences": np.asarray(out.sequences), "prompt_valid": rep["prompt_valid"], "mask": mask,
-                "rewards": rewards}
+        reward_stats["time/reward_s"] = reward_stats.get("time/reward_s", 0.0) + time.perf_counter() - t0
+        reward_stats.update({k: v for k, v in getattr(task, "last_reward_metrics", {}).items()
+                             if k.startswith("rewards/")})
+        return {"sequences": out.sequences, "prompt_valid": dev["prompt_valid"], "mask": out.mask,
+                "sampler_logp": out.logp, "rewards": shd.shard_batch({"r": rewards}, mesh)["r"]}
 
     def collect(model, key):
         """A full roll-out batch of `n_prompts` groups (DAPO: only groups with reward variance)."""
         first = rollout(model, next(prompts), jax.random.fold_in(key, 0))
         if not dynamic:
             return first, {}
-        more = (rollout(model, next(prompts), jax.random.fold_in(key, i)) for i in range(1, max_rounds))
-        return fill_groups(first, more, n_prompts, G)
+        # DAPO's group filtering runs on host arrays (validation keeps it to one process).
+        host = lambda ro: {k: np.asarray(v) for k, v in ro.items()}
+        more = (host(rollout(model, next(prompts), jax.random.fold_in(key, i))) for i in range(1, max_rounds))
+        batch, stats = fill_groups(host(first), more, n_prompts, G)
+        return shd.shard_batch(batch, mesh), stats
 
     def step_fn(st: RLState, _):
         train = st.train
         step = int(jax.device_get(st.step))
         key = jax.random.fold_in(train.rng, 1_000_003 + step)  # differs from the update keys fold_in(rng, t)
         model = train.model()
-        ro, ds_stats = collect(model, key)
-        # Metrics of the roll-out as sampled (before dynamic-sampling filtering, TRL reports the batch used).
-        seq = jnp.asarray(ro["sequences"])
-        valid = jnp.concatenate([jnp.asarray(ro["prompt_valid"]), jnp.asarray(ro["mask"])], axis=1)
-        old_logp, _ = _model_logp(train.graphdef, train.params, train.model_state, seq, valid, P)
-        ref_logp, ref_logits = _model_logp(train.graphdef, st.ref_params, train.model_state, seq, valid, P, exact)
-        full = {"sequences": ro["sequences"], "valid": np.asarray(valid), "mask": ro["mask"].astype(np.float32),
-                "old_logp": np.asarray(old_logp), "ref_logp": np.asarray(ref_logp)}
-        if exact:
-            full["ref_logits"] = np.asarray(ref_logits)
-        if teacher is not None:
-            t_logp, _ = _model_logp(teacher[0], teacher[1], teacher[2], seq, valid, P)
-            full["teacher_logp"] = np.asarray(t_logp)
-        rw = ro["rewards"]
-        if adv_kind == "objective":
-            full["rewards"] = rw
+        reward_stats.clear()
+        try:
+            ro, ds_stats = collect(model, key)
+        except RewardError as e:  # names the function and the prompt; add the step
+            raise e.at_step(step + 1) from e
+        seq, mask = ro["sequences"], ro["mask"]
+        valid = jnp.concatenate([ro["prompt_valid"], mask.astype(ro["prompt_valid"].dtype)], axis=1)
+        if sampler_is_policy:  # the sampler's log-probs are the policy's: no second forward pass
+            old_logp = ro["sampler_logp"]
         else:
-            if adv_kind == "group_mean_std":
-                a = adv_lib.group_normalized(rw, G)
-            elif adv_kind == "group_mean":
-                a = adv_lib.group_mean(rw, G)
-            elif adv_kind == "leave_one_out":
-                a = adv_lib.leave_one_out(rw, G)
-            else:
-                a = adv_lib.batch_normalized(jnp.asarray(rw))
-            full["advantages"] = np.asarray(a, np.float32)
-            full["rewards"] = rw
+            old_logp, _ = _model_logp(train.graphdef, train.params, train.model_state, seq, valid, P, False, mb)
+        ref_logp, ref_logits = _model_logp(train.graphdef, st.ref_params, train.model_state, seq, valid, P, exact,
+                                           mb)
+        full = {"sequences": seq, "valid": valid, "mask": mask.astype(jnp.float32), "old_logp": old_logp,
+                "ref_logp": ref_logp}
+        if exact:
+            full["ref_logits"] = ref_logits
+        if teacher is not None:
+            full["teacher_logp"], _ = _model_logp(teacher[0], teacher[1], teacher[2], seq, valid, P, False, mb)
+        rw = ro["rewards"]
+        full["rewards"] = rw
+        if adv_kind != "objective":  # every process computes the same advantages from the global rewards
+            a = {"group_mean_std": lambda: adv_lib.group_normalized(rw, G),
+                 "group_mean": lambda: adv_lib.group_mean(rw, G),
+                 "leave_one_out": lambda: adv_lib.leave_one_out(rw, G)}.get(adv_kind,
+                                                                            lambda: adv_lib.batch_normalized(rw))()
+            full["advantages"] = a.astype(jnp.float32)
         # Minibatches of whole groups, reshuffled each epoch (deterministic given the step).
         rng = np.random.default_rng([int(cfg.seed), step])
         n_groups = rows // G
@@ -289,16 +337,17 @@ def run(cfg: Any, workdir: str) -> dict:
             order = rng.permutation(n_groups)
             for lo in range(0, n_groups, mb // G):
                 idx = (order[lo:lo + mb // G][:, None] * G + np.arange(G)[None]).reshape(-1)
-                mbatch = shd.shard_batch({k: v[idx] for k, v in full.items()}, mesh)
+                mbatch = select_rows(full, jax.device_put(idx, replicated))
                 train, m = step_fn_jit(train, mbatch)
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n += 1
         out = {k: v / n for k, v in sums.items()}
-        out.update({k: float(v) for k, v in adv_lib.reward_metrics(jnp.asarray(rw), G).items()})
-        out["completions/mean_length"] = float(ro["mask"].sum(-1).mean())
+        out.update({k: float(v) for k, v in adv_lib.reward_metrics(rw, G).items()})
+        out["completions/mean_length"] = float(mask.sum(-1).mean())
         out["num_updates"] = float(n)
         out.update(ds_stats)
+        out.update(reward_stats)
         new_ref = st.ref_params
         if r.get("reference", "fixed") == "reset" and (step + 1) % int(r.reset_every) == 0:
             new_ref = jax.tree.map(lambda x: x.copy(), train.params)

@@ -199,6 +199,18 @@ def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(one, local_batch)
 
 
+def local_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
+    """This process's rows of a global array split over ("data", "fsdp") on its leading dimension, as
+    numpy: the inverse of `shard_batch` (all rows in a single process)."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    x = jax.jit(lambda a: a, out_shardings=batch_sharding(mesh))(x)  # the layout shard_batch made
+    pieces = {}
+    for shard in x.addressable_shards:  # tensor-axis replicas hold the same rows: keep one
+        pieces.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
+    return np.concatenate([pieces[k] for k in sorted(pieces)], axis=0)
+
+
 def jit_step(fn: Callable, mesh: Mesh, state_sharding: Any, in_batch_sharding: Any = None, *,
              donate_state: bool = True, metrics_sharding: Any = None, extra_sharding: Any = None) -> Callable:
     """`jax.jit(fn)` for `fn(state, batch) -> (state, metrics)` with explicit shardings.
@@ -216,17 +228,55 @@ def jit_step(fn: Callable, mesh: Mesh, state_sharding: Any, in_batch_sharding: A
                    donate_argnums=(0,) if donate_state else ())
 
 
-def initialize_distributed_from_env() -> tuple[int, int]:
-    """Join a multi-process JAX cluster described by `KLJAX_*` environment variables.
+ENV_HEARTBEAT_TIMEOUT = "KLJAX_HEARTBEAT_TIMEOUT"
+ENV_DISTRIBUTED = "KLJAX_DISTRIBUTED"
+DEFAULT_HEARTBEAT_TIMEOUT_S = 20  # JAX's 100 s leaves the survivors of a crash idling for minutes
 
-    Reads `KLJAX_COORDINATOR` (host:port), `KLJAX_NUM_PROCESSES`, `KLJAX_PROCESS_ID` (set by
-    `launch/local_multiprocess.py`). Does nothing when they are absent or the count is 1. On CPU it
-    selects gloo collectives, which cross-process CPU computations need. Call before any other JAX
-    use. Returns `(process_id, num_processes)`.
+
+def heartbeat_timeout_s() -> int:
+    """Seconds without a heartbeat after which the cluster declares a process lost and stops every other."""
+    raw = os.environ.get(ENV_HEARTBEAT_TIMEOUT, str(DEFAULT_HEARTBEAT_TIMEOUT_S))
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise RuntimeError(f"{ENV_HEARTBEAT_TIMEOUT}={raw!r} must be a positive number of seconds.")
+    return value
+
+
+def cluster_auto_detectable() -> bool:
+    """True on a host that JAX's own cluster detection recognises as one of several (SLURM, TPU VM slice).
+
+    `KLJAX_DISTRIBUTED=auto` forces the auto-detected initialization, `KLJAX_DISTRIBUTED=off` disables it.
+    """
+    forced = os.environ.get(ENV_DISTRIBUTED, "").lower()
+    if forced in ("auto", "off"):
+        return forced == "auto"
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+        return True
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")
+    return len(hosts) > 1 and all(h and " " not in h for h in hosts)  # libtpu may leave a warning text here
+
+
+def initialize_distributed_from_env() -> tuple[int, int]:
+    """Join a multi-process JAX cluster; return `(process_id, num_processes)`.
+
+    Local launches (`launch/local_multiprocess.py`) describe the cluster with `KLJAX_COORDINATOR`
+    (host:port), `KLJAX_NUM_PROCESSES` and `KLJAX_PROCESS_ID`. Without them, on a SLURM job with
+    several tasks or a multi-worker TPU VM slice (or with `KLJAX_DISTRIBUTED=auto`), it calls
+    `jax.distributed.initialize()` with no arguments so JAX detects the cluster itself. Otherwise
+    (one process) it does nothing. A process that stops sending heartbeats for `KLJAX_HEARTBEAT_TIMEOUT`
+    seconds (default 20) is declared lost and every other process terminates with a message naming it.
+    On CPU it selects gloo collectives, which cross-process CPU computations need. Call before any
+    other JAX use.
     """
     num = int(os.environ.get(ENV_NUM_PROCESSES, "1"))
     if num <= 1:
-        return 0, 1
+        if not cluster_auto_detectable():
+            return 0, 1
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s())
+        return jax.process_index(), jax.process_count()
     coordinator = os.environ.get(ENV_COORDINATOR)
     pid = os.environ.get(ENV_PROCESS_ID)
     if not coordinator or pid is None:
@@ -234,5 +284,6 @@ def initialize_distributed_from_env() -> tuple[int, int]:
                            "start the processes with launch/local_multiprocess.py.")
     if os.environ.get("JAX_PLATFORMS", "") in ("cpu", ""):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=int(pid))
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=int(pid),
+                               heartbeat_timeout_seconds=heartbeat_timeout_s())
     return jax.process_index(), jax.process_count()

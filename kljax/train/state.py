@@ -140,6 +140,28 @@ def create_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module], optimizer: op
     return jax.jit(init, out_shardings=out_sharding)(init_key, train_key)
 
 
+def abstract_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module], optimizer: optax.GradientTransformation,
+                         mesh: Mesh, rules: Sequence[tuple[str, Any]] = shd.DEFAULT_RULES, rng: Any = 0) -> TrainState:
+    """The state `create_train_state` would build, as `ShapeDtypeStruct`s carrying their shardings.
+
+    Nothing is allocated, so `mesh` may span devices this host does not have (a TPU topology for
+    ahead-of-time compilation, `kljax.aot`).
+    """
+    with nnx.use_eager_sharding(False):
+        abstract_model = nnx.eval_shape(lambda: model_fn(nnx.Rngs(params=0, default=0)))
+    graphdef, shapes, param_sharding, rest_sharding = _model_shardings(abstract_model, mesh, rules)
+    rest = nnx.to_pure_dict(_split_model(abstract_model)[2])
+    sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    repl = shd.replicated(mesh)
+    opt_shapes = jax.eval_shape(optimizer.init, shapes)
+    key = jax.eval_shape(lambda: _raw_key(rng))
+    return TrainState(step=sds(jax.ShapeDtypeStruct((), jnp.int32), repl),
+                      params=jax.tree.map(sds, shapes, param_sharding),
+                      opt_state=jax.tree.map(sds, opt_shapes, _opt_sharding(optimizer, shapes, param_sharding, mesh)),
+                      rng=sds(key, repl), model_state=jax.tree.map(sds, rest, rest_sharding),
+                      graphdef=graphdef, tx=optimizer)
+
+
 def train_state_from_model(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh,
                            rules: Sequence[tuple[str, Any]] = shd.DEFAULT_RULES, rng: Any = 0) -> TrainState:
     """Train state starting from an existing (e.g. pretrained, `from_hf`) model's parameters.

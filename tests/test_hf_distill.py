@@ -1,0 +1,77 @@
+"""Distillation from a Hugging Face teacher (`distill.teacher_hf_path`) into a student that shares its
+tokenizer: vocabularies padded differently are aligned on the common ids; a real mismatch, or another
+tokenizer, is a config error naming both sizes."""
+import json
+
+import ml_collections
+import numpy as np
+import pytest
+
+import hf_fixtures as hfx
+from kljax.config import ConfigError, base_config
+from kljax.train import common, distill
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kd")
+    student = hfx.user_folder(root / "student", "qwen2", vocab_size=320)
+    teacher = root / "teacher"
+    hfx.train_tokenizer(teacher, "qwen2")  # the same tokenizer (same corpus, same trainer)
+    hfx.make_model(teacher, "qwen2", vocab_size=384, width=48, seed=1)  # larger, padded to a multiple of 128
+    with open(root / "train.jsonl", "w") as f:
+        for a in range(16):
+            f.write(json.dumps({"prompt": f"what is {a} plus 1?", "completion": f"{a} + 1 = {a + 1}."}) + "\n")
+    return dict(root=root, student=student, teacher=str(teacher), data=str(root / "train.jsonl"))
+
+
+def kd_config(f, teacher, steps=2):
+    c = base_config("distill")
+    with c.model.unlocked():
+        c.model.hf_path = f["student"]
+    c.task = ml_collections.ConfigDict(dict(name="files", data_dir=str(f["root"] / "data"), train_files=f["data"],
+                                            prompt_key="prompt", completion_key="completion", prompt_len=16,
+                                            completion_len=16))
+    c.objective = ml_collections.ConfigDict(dict(name="fkl"))
+    c.distill = ml_collections.ConfigDict(dict(teacher_from="", teacher_hf_path=teacher, data="dataset",
+                                               temperature=1.0))
+    c.total_steps, c.batch_size, c.log_every = steps, 8, 1
+    c.eval.num_examples, c.eval.batch_size = 8, 8
+    c.optim.learning_rate, c.optim.warmup_steps = 3e-3, 1
+    return c
+
+
+@pytest.mark.slow
+def test_distill_from_larger_hf_teacher_with_padded_vocabulary(folders):
+    cfg = kd_config(folders, folders["teacher"])
+    common.validate(cfg)
+    task = common.build_task(cfg)
+    teacher = distill._Teacher(cfg, task, common.build_mesh(cfg))
+    assert teacher.vocab == 320  # min(384, 320), both >= the tokenizer's 300 ids
+    wd = str(folders["root"] / "run")
+    result = distill.run(cfg, wd)
+    assert np.isfinite(result["eval/fkl"]) and result["eval/fkl"] >= 0
+    losses = [json.loads(line)["loss"] for line in open(f"{wd}/metrics.jsonl") if '"loss"' in line]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_vocabulary_below_the_tokenizer_is_an_error_naming_both(folders, tmp_path):
+    small = tmp_path / "small"
+    hfx.make_model(small, "qwen2", vocab_size=256)  # fewer rows than the tokenizer's 300 ids
+    cfg = kd_config(folders, str(small))
+    task = common.build_task(cfg)
+    with pytest.raises(ConfigError, match=r"teacher vocabulary 256 and student vocabulary 320"):
+        distill._Teacher(cfg, task)
+
+
+def test_other_tokenizer_is_an_error(folders, tmp_path):
+    other = tmp_path / "other"
+    hfx.train_tokenizer(other, "llama")
+    hfx.make_model(other, "llama", vocab_size=320)
+    cfg = kd_config(folders, str(other))
+    with pytest.raises(ConfigError, match="tokenizer"):
+        distill._Teacher(cfg, common.build_task(cfg))
+    both = kd_config(folders, str(other))
+    both.distill.teacher_from = "runs/x"
+    with pytest.raises(ConfigError, match="not both"):
+        common.validate(both)
