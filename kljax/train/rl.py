@@ -21,6 +21,7 @@ optimizer updates (`optim.total_steps` defaults to that product for the schedule
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import inspect
 import time
@@ -234,24 +235,30 @@ def run(cfg: Any, workdir: str) -> dict:
                      top_p=float(r.get("top_p", 1.0)))
 
     reward_stats: dict = {}
+    # Rewards (possibly slow Python) are scored on a thread while the device computes the log-probs.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kljax-reward")
 
-    def rollout(model, batch, key):
-        rep = _repeat(batch, G)
-        dev = shd.shard_batch({"prompt": rep["prompt"], "prompt_valid": rep["prompt_valid"]}, mesh)
-        out = generate(model, dev["prompt"], dev["prompt_valid"], key, n_new, task.eos_id, pad_id=task.pad_id,
-                       **sample_kw)
-        toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
+    def score(toks, mask, rep):
         t0 = time.perf_counter()
         rewards = np.asarray(task.reward(toks, mask, rep), np.float32)
         reward_stats["time/reward_s"] = reward_stats.get("time/reward_s", 0.0) + time.perf_counter() - t0
         reward_stats.update({k: v for k, v in getattr(task, "last_reward_metrics", {}).items()
                              if k.startswith("rewards/")})
+        return rewards
+
+    def rollout(model, batch, key, overlap=False):
+        rep = _repeat(batch, G)
+        dev = shd.shard_batch({"prompt": rep["prompt"], "prompt_valid": rep["prompt_valid"]}, mesh)
+        out = generate(model, dev["prompt"], dev["prompt_valid"], key, n_new, task.eos_id, pad_id=task.pad_id,
+                       **sample_kw)
+        toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
+        rewards = pool.submit(score, toks, mask, rep) if overlap else score(toks, mask, rep)
         return {"sequences": np.asarray(out.sequences), "prompt_valid": rep["prompt_valid"], "mask": mask,
                 "rewards": rewards}
 
     def collect(model, key):
         """A full roll-out batch of `n_prompts` groups (DAPO: only groups with reward variance)."""
-        first = rollout(model, next(prompts), jax.random.fold_in(key, 0))
+        first = rollout(model, next(prompts), jax.random.fold_in(key, 0), overlap=not dynamic)
         if not dynamic:
             return first, {}
         more = (rollout(model, next(prompts), jax.random.fold_in(key, i)) for i in range(1, max_rounds))
@@ -280,6 +287,13 @@ def run(cfg: Any, workdir: str) -> dict:
             t_logp, _ = _model_logp(teacher[0], teacher[1], teacher[2], seq, valid, P)
             full["teacher_logp"] = np.asarray(t_logp)
         rw = ro["rewards"]
+        if isinstance(rw, concurrent.futures.Future):  # scored while the log-probs above were computed
+            t0 = time.perf_counter()
+            try:
+                rw = rw.result()
+            except RewardError as e:
+                raise e.at_step(step + 1) from e
+            reward_stats["time/reward_wait_s"] = time.perf_counter() - t0
         if adv_kind == "objective":
             full["rewards"] = rw
         else:
@@ -319,9 +333,12 @@ def run(cfg: Any, workdir: str) -> dict:
             out["reference_reset"] = 1.0
         return RLState(train=train, ref_params=new_ref, step=st.step + 1), out
 
-    return common.run_loop(cfg, workdir, state=state, step_fn=step_fn, batches=_PromptIter(prompts),
-                           eval_fn=eval_fn,
-                           bar_keys=("reward", "kl", "entropy", "loss"), desc=f"rl {cfg.objective.name}")
+    try:
+        return common.run_loop(cfg, workdir, state=state, step_fn=step_fn, batches=_PromptIter(prompts),
+                               eval_fn=eval_fn,
+                               bar_keys=("reward", "kl", "entropy", "loss"), desc=f"rl {cfg.objective.name}")
+    finally:
+        pool.shutdown(wait=False)
 
 
 class _PromptIter:
