@@ -117,14 +117,15 @@ def _lower_sampler(ts, mesh, rows: int, prompt_len: int, new_tokens: int, eos_id
         eos_id=None if eos_id is None else int(eos_id), pad_id=int(pad_id), **sample_kw)
 
 
-def _lower_logp(ts, mesh, rows: int, seq_len: int, prompt_len: int):
+def _lower_logp(ts, mesh, rows: int, seq_len: int, prompt_len: int, chunk_rows: int):
     import jax.numpy as jnp
 
     from kljax.train import rl
     from kljax.train import sharding as shd
     bs = shd.batch_sharding(mesh)
     return rl._logp_and_logits.lower(ts.graphdef, ts.params, ts.model_state, _sds((rows, seq_len), jnp.int32, bs),
-                                     _sds((rows, seq_len), jnp.int32, bs), prompt_len, False)
+                                     _sds((rows, seq_len), jnp.int32, bs), prompt_len, False,
+                                     chunk_rows)
 
 
 def _lower_step(loss_fn: Callable, cfg, mesh, ts, batch: dict, schedule_cfg=None):
@@ -189,7 +190,7 @@ def rl_functions(cfg, mesh, task) -> list[tuple[str, Any]]:
     return [("train_step (one minibatch)", _lower_step(rl.make_rl_loss(cfg, P, G), cfg, mesh, ts, batch, sched_cfg)),
             ("rollout_sampler (prefill+decode)", _lower_sampler(ts, mesh, rows, P, N, task.eos_id, task.pad_id,
                                                                 sample_kw)),
-            ("old_policy/reference forward", _lower_logp(ts, mesh, rows, P + N, P))]
+            ("old_policy/reference forward", _lower_logp(ts, mesh, rows, P + N, P, mb))]
 
 
 def distill_functions(cfg, mesh, task) -> list[tuple[str, Any]]:

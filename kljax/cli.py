@@ -58,7 +58,7 @@ def _docstring(path: str) -> str:
         return ""
 
 
-_ARG_LINE = re.compile(r"^ {2}([a-z_][a-z0-9_]*|,[a-z_]+|<\w+>:?)\s{2,}(\S.*)$")
+_ARG_LINE = re.compile(r"^ {2}([a-z_][a-z0-9_]*|,[a-z_]+|<\w+>:?)\s+(\S.*)$")
 
 
 def experiment_args(path: str) -> list[tuple[str, str]]:
@@ -72,6 +72,14 @@ def experiment_args(path: str) -> list[tuple[str, str]]:
         elif line.startswith("<") and ">:" in line:  # "<objective>: any registered ..." style
             name, _, desc = line.partition(":")
             out.append((name, desc.strip()))
+        elif line.startswith("Args:") and not line[5:].strip().startswith("("):  # "Args: `smoke` shrinks ..."
+            m = re.match(r"Args:\s*`(\w+)`\s*(.*)", line)
+            if m:
+                out.append((m.group(1), m.group(2).strip()))
+    if not out:  # no Args section: the args of the docstring's example commands
+        for arg in dict.fromkeys(re.findall(r"--config=\S+?\.py:([\w,]+)", _docstring(path))):
+            out.append((arg, f"as in the docstring's command (python -m kljax.main --config={os.path.basename(path)}:"
+                             f"{arg} ...)"))
     return out
 
 

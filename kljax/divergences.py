@@ -170,7 +170,11 @@ def adaptive_kl(target, model, mu: float = 0.5, temperature: float = 1.0):
         total > 0, jnp.sum(jnp.where(head, gap_sorted, 0.0), axis=-1) / jnp.where(total > 0, total, 1.0), 0.5
     )
     g_head = jax.lax.stop_gradient(g_head)
-    return g_head * _kl_logp(logp, logq) + (1.0 - g_head) * _kl_logp(logq, logp)
+    g_tail = 1.0 - g_head
+    # A zero weight drops its term, also where that KL is +inf (0·inf would be NaN).
+    head = jnp.where(g_head > 0, g_head * _kl_logp(logp, logq), 0.0)
+    tail = jnp.where(g_tail > 0, g_tail * _kl_logp(logq, logp), 0.0)
+    return head + tail
 
 
 def bdkd(target, model, heavy_weight: float = 3.0, temperature: float = 1.0):

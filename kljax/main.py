@@ -23,6 +23,7 @@ Examples:
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -108,11 +109,15 @@ def main(argv):
         _fail(str(e), 1)
     except checkpoint.SaveFailedError as e:
         _fail(str(e), cli.EXIT_IO)
+    except KeyboardInterrupt:  # Ctrl-C before the first step (the loop itself checkpoints and exits 130)
+        _fail("interrupted (Ctrl-C) outside the training steps; nothing new to save. Rerun the same command to "
+              "resume from the last checkpoint (if any).", cli.EXIT_SIGINT)
     except OSError as e:
         where = e.filename or "the workdir"
-        _fail(f"cannot write {where}: {e.strerror or e}. The run stopped; its last complete checkpoint in "
-              f"{workdir}/checkpoints is intact. Free space (or fix the path) and rerun the same command to resume.",
-              cli.EXIT_IO)
+        verb = "cannot write" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES) else "I/O error on"
+        _fail(f"{verb} {where}: {e.strerror or e}. The run stopped; its last complete checkpoint in "
+              f"{workdir}/checkpoints is intact. Fix the cause (e.g. free disk space) and rerun the same command "
+              "to resume.", cli.EXIT_IO)
     except RewardError as e:  # a user's reward function failed: name it, the step and the prompt
         _fail(f"{e}\nNothing written is lost: rerun the same command after fixing the reward to resume from the "
               "latest checkpoint.")

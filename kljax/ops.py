@@ -175,11 +175,18 @@ def safe_log_softmax(logits, temperature: float = 1.0):
 
 
 def xlogy_exp(logp, value):
-    """Σ-ready ``exp(logp) * value`` that is 0 (with zero gradient) where ``logp = −inf``."""
+    """Σ-ready ``exp(logp) * value`` that is 0 (with zero gradient) where ``logp = −inf``.
+
+    Where ``logp`` is finite and ``value`` is ±inf the result is ``value``: the probability is
+    positive even when ``exp(logp)`` underflows to 0 (e.g. logits / 1e-3), so p·(±inf) is ±inf,
+    never 0·inf = NaN (a KL whose second argument has no mass there is +inf).
+    """
     finite = jnp.isfinite(logp)
+    inf_value = finite & jnp.isinf(value)
     safe_logp = jnp.where(finite, logp, 0.0)
-    safe_value = jnp.where(finite, value, 0.0)
-    return jnp.where(finite, jnp.exp(safe_logp) * safe_value, 0.0)
+    safe_value = jnp.where(finite & ~inf_value, value, 0.0)
+    prod = jnp.exp(safe_logp) * safe_value
+    return jnp.where(finite, jnp.where(inf_value, value, prod), 0.0)
 
 
 def entropy(logits, temperature: float = 1.0):

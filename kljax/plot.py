@@ -60,7 +60,7 @@ def plot_workdir(workdir: str, out: str | None = None, metrics: Sequence[str] | 
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.suptitle(os.path.basename(os.path.abspath(workdir)))
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))  # leave room for the suptitle above the subplot titles
     out = out or os.path.join(workdir, "curves.png")
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -74,13 +74,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metrics", default=None, help="comma-separated metric names (default: all)")
     args = parser.parse_args(argv)
     names = [m for m in args.metrics.split(",") if m] if args.metrics else None
+    from kljax.train.metrics import METRICS_FILE
+    stages = stage_dirs(args.workdir) if not os.path.exists(os.path.join(args.workdir, METRICS_FILE)) else []
     try:
+        if stages:  # a pipeline workdir: one figure per stage, in each stage's directory
+            for d in stages:
+                print(plot_workdir(d, None, names))
+            return 0
         out = plot_workdir(args.workdir, args.out, names)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(out)
     return 0
+
+
+def stage_dirs(workdir: str) -> list[str]:
+    """Subdirectories of a pipeline workdir that hold a run's metrics (its stages), sorted by name."""
+    from kljax.train.metrics import METRICS_FILE
+    if not os.path.isdir(workdir):
+        return []
+    return sorted(os.path.join(workdir, d) for d in os.listdir(workdir)
+                  if os.path.exists(os.path.join(workdir, d, METRICS_FILE)))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,22 @@ def test_completion_logp_matches_sampler_logp():
     assert logits.shape == (2, 5, 11)
 
 
+def test_rollout_forward_in_row_chunks_equals_one_pass():
+    # The old-policy/reference pass runs `minibatch_size` rows at a time so a roll-out's logits never
+    # exist whole; chunking must not change any value.
+    model = TransformerLM(lm_config(vocab_size=11, width=16, depth=1, num_heads=2, max_len=12), rngs=nnx.Rngs(0))
+    g, params, rest = nnx.split(model, nnx.Param, ...)
+    rng = np.random.default_rng(0)
+    seq = jnp.asarray(rng.integers(0, 11, (6, 9)), jnp.int32)
+    valid = jnp.asarray(np.concatenate([np.tile([0, 1, 1, 1], (6, 1)), rng.integers(0, 2, (6, 5))], 1), jnp.int32)
+    whole, whole_logits = rl._model_logp(g, params, rest, seq, valid, 4, True)
+    for chunk in (2, 3):
+        lp, logits = rl._model_logp(g, params, rest, seq, valid, 4, True, chunk)
+        np.testing.assert_allclose(np.asarray(lp), np.asarray(whole), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(whole_logits), rtol=1e-5, atol=1e-5)
+    assert whole.shape == (6, 5)
+
+
 def _ro(rewards):
     r = np.asarray(rewards, np.float32)
     return {"rewards": r, "row": np.arange(len(r))}
@@ -102,7 +118,7 @@ def test_rl_runs_end_to_end(pretrained, variant, extra, monkeypatch):
     result = rl.run(cfg, wd)
     for k in ("eval/accuracy", "eval/kl", "eval/entropy", "eval/pass@2", "eval/completions/mean_length"):
         assert k in result and np.isfinite(result[k])
-    assert result["eval/kl"] >= 0
+    assert result["eval/kl"] >= -1e-6  # exact KL, non-negative up to float32 rounding
     recs = metrics.read_metrics(wd)
     assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3]
     for name in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "entropy",

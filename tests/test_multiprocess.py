@@ -5,6 +5,7 @@ checkpoint written by the cluster restores with its shardings.
 Run as a script (`python tests/test_multiprocess.py OUTDIR`), this file is the worker that
 `launch/local_multiprocess.py` starts in each process.
 """
+import json
 import os
 import subprocess
 import sys
@@ -134,31 +135,49 @@ def test_launcher_sets_env_and_stops_the_others_when_one_fails(tmp_path):
     assert "device_count=8" not in envs[0]["XLA_FLAGS"]
 
 
-def _losses(workdir):
+def _main(args, env, launcher=False):
+    """`kljax.main ARGS` as one process with 8 CPU devices, or as 2 processes x 4 devices (launcher)."""
+    if launcher:
+        cmd = [sys.executable, "launch/local_multiprocess.py", "--num_processes", "2", "--devices_per_process", "4",
+               "--", "-m", "kljax.main", *args]
+    else:
+        cmd = [sys.executable, "-m", "kljax.main", "--host_devices=8", *args]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+
+
+def _metric(workdir, key):
     from kljax.train.metrics import read_metrics
-    return {r["step"]: r["loss"] for r in read_metrics(str(workdir)) if "loss" in r}
+    return {r["step"]: r[key] for r in read_metrics(str(workdir)) if key in r}
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_main_sft_on_two_processes_matches_one_process(tmp_path):
+def test_main_sft_and_grpo_on_two_processes_match_one_process(tmp_path):
     """The real entry point, not a toy: `kljax.main` started by the launcher on 2 processes × 4 devices
-    trains and evaluates exactly like one process with 8 devices (same global batches, same losses)."""
-    config = "--config=experiments/star_graph.py:pretrain,smoke"
+    trains and evaluates exactly like one process with 8 devices: SFT, then GRPO from it (each process
+    samples and scores its own prompts; advantages, minibatches and metrics are global)."""
     env = dict(os.environ, XLA_FLAGS="", KLJAX_DATA_DIR=str(tmp_path / "data"))
-    one = subprocess.run([sys.executable, "-m", "kljax.main", "--host_devices=8", config,
-                          f"--workdir={tmp_path / 'one'}"], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "launch/local_multiprocess.py", "--num_processes", "2",
-                          "--devices_per_process", "4", "--", "-m", "kljax.main", config,
-                          f"--workdir={tmp_path / 'two'}"], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
-    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    sft = "--config=experiments/arithmetic.py:pretrain,smoke"
+    _main([sft, f"--workdir={tmp_path / 'sft1'}"], env)
+    _main([sft, f"--workdir={tmp_path / 'sft2'}"], env, launcher=True)
+    a, b = _metric(tmp_path / "sft1", "loss"), _metric(tmp_path / "sft2", "loss")
     assert a.keys() == b.keys() and len(a) >= 2
     np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)], rtol=1e-5)
-    assert (tmp_path / "two" / "eval.json").exists()
+    assert (tmp_path / "sft2" / "eval.json").exists()
+
+    grpo = ["--config=experiments/arithmetic.py:grpo,smoke", f"--config.init_from={tmp_path / 'sft1'}"]
+    _main([*grpo, f"--workdir={tmp_path / 'rl1'}"], env)
+    _main([*grpo, f"--workdir={tmp_path / 'rl2'}"], env, launcher=True)
+    for key in ("loss", "reward", "reward_std", "entropy", "completions/mean_length"):
+        a, b = _metric(tmp_path / "rl1", key), _metric(tmp_path / "rl2", key)
+        assert a.keys() == b.keys() and len(a) == 3, key
+        np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)], rtol=2e-5, atol=1e-6,
+                                   err_msg=key)
+    assert max(_metric(tmp_path / "rl1", "reward_std").values()) > 0  # the format reward varies: a real update
+    e1, e2 = (json.load(open(tmp_path / d / "eval.json")) for d in ("rl1", "rl2"))
+    for k in ("eval/accuracy", "eval/kl", "eval/reward"):
+        np.testing.assert_allclose(e2[k], e1[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
 _LOSE_A_PROCESS = """
@@ -191,14 +210,19 @@ def test_a_single_process_loop_is_refused_on_several_processes(monkeypatch):
     from kljax.config import ConfigError
     from kljax.train import common
 
-    cfg = common.load_config_file(os.path.join(REPO, "experiments", "star_graph.py") + ":grpo,smoke")
-    cfg.init_from = str(REPO)  # any path: paths are not checked here
+    cfg = common.load_config_file(os.path.join(REPO, "experiments", "distill.py") + ":fkl,smoke")
     common.validate(cfg, check_paths=False)  # valid in one process
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    with pytest.raises(ConfigError, match=r"`loop` = 'rl' runs in one process only.*2 processes.*--host_devices"):
+    with pytest.raises(ConfigError, match=r"`loop` = 'distill' runs in one process only.*2 processes.*--host_devices"):
         common.validate(cfg, check_paths=False)
-    sft = common.load_config_file(os.path.join(REPO, "experiments", "star_graph.py") + ":pretrain,smoke")
-    common.check_process_count(sft)  # SFT runs on several processes
+    dapo = common.load_config_file(os.path.join(REPO, "experiments", "arithmetic.py") + ":dapo,smoke")
+    dapo.init_from = str(REPO)  # any path: paths are not checked here
+    with pytest.raises(ConfigError, match=r"`rl.dynamic_sampling` = True runs in one process only"):
+        common.validate(dapo, check_paths=False)
+    for arg in ("pretrain,smoke", "grpo,smoke"):  # SFT and (non-DAPO) RL run on several processes
+        ok = common.load_config_file(os.path.join(REPO, "experiments", "arithmetic.py") + ":" + arg)
+        ok.init_from = str(REPO)
+        common.validate(ok, check_paths=False)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,47 @@ def test_k3_in_loss_reaches_forward_optimum_on_the_bandit(kl_run):
     assert np.mean([s[1] for s in k3["mc_final"]]) < np.mean([s[0] for s in k3["mc_final"]])
 
 
+def test_kl_in_loss_k1_has_no_kl_gradient(kl_run):
+    """On-policy k1 in the loss has zero expected gradient: the policy ignores the reference."""
+    _, res = kl_run
+    assert _row(res, "bandit", "k1 in loss")["grad"]["follows"] == "zero"
+
+
+@pytest.fixture(scope="module")
+def mdvi_run(tmp_path_factory):
+    out, res = _run(tmp_path_factory, "mdvi")
+    return out, {m["name"]: np.asarray(m["errors"]) for m in res["methods"]}
+
+
+def test_mdvi_writes_table_plot_and_config(mdvi_run):
+    out, errs = mdvi_run
+    for f in ("results.md", "results.json", "config.json", "mdvi.png"):
+        assert os.path.getsize(os.path.join(out, f)) > 0
+    assert all(e.shape[0] >= 5 for e in errs.values())   # several MDPs
+
+
+def test_exact_vi_converges(mdvi_run):
+    _, errs = mdvi_run
+    assert errs["VI (exact)"][:, -1].max() < 1e-3
+
+
+def test_mdvi_averages_errors_that_avi_accumulates(mdvi_run):
+    _, errs = mdvi_run
+    avi, mdvi = errs["AVI"], errs["MD-VI(λ=0.1, τ=0)"]
+    assert mdvi[:, -1].mean() < 0.5 * avi[:, -1].mean()
+    assert np.mean(mdvi[:, -1] < avi[:, -1]) >= 0.8        # on most MDPs, not just on average
+    # MD-VI's error keeps falling with k (averaging); AVI's stays at its noise level
+    assert mdvi[:, -1].mean() < 0.5 * mdvi[:, 0].mean()
+    assert avi[:, -1].mean() > 0.5 * avi[:, 0].mean()
+
+
+def test_munchausen_averages_more_with_larger_alpha(mdvi_run):
+    """M-VI(α, τ) is MD-VI with an exponential average of weight α (Vieillard et al. Thm 2)."""
+    _, errs = mdvi_run
+    late = lambda e: e[:, e.shape[1] // 2:].mean()
+    assert late(errs["M-VI(α=0.99, τ=0.1)"]) < late(errs["M-VI(α=0.9, τ=0.1)"]) < late(errs["AVI"])
+
+
 def test_unknown_table_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         reproduce.main(["no_such_table"])

@@ -65,6 +65,8 @@ def _grpo(tmp_path, pretrained, *extra):
     ("--config.objective.beta=-0.1", ["objective.beta", "-0.1", "[0.0, inf)"]),
     ("--config.objective.kl_estimator=k5", ["objective.kl_estimator", "'k5'", "k3"]),
     ("--config.objective.loss_agg=mean", ["objective.loss_agg", "token-mean"]),
+    ("--config.checkpoint.every=0", ["checkpoint.every", "0"]),
+    ("--config.total_steps=ten", ["total_steps", "ten"]),
 ])
 def test_objective_hparams_checked_before_anything_is_written(capsys, tmp_path, pretrained, override, needles):
     code, _, err = run_main(capsys, *_grpo(tmp_path, pretrained, override))
@@ -139,6 +141,26 @@ def test_print_fields_lists_every_field_with_its_comment(capsys, tmp_path):
         assert any(line.strip().startswith(f + " ") or line.strip() == f for line in lines), f
     assert any("rl.group_size" in line and "# completions sampled per prompt" in line for line in lines)
     assert any("objective.beta" in line and "hyper-parameter of 'grpo'" in line for line in lines)
+
+
+@pytest.mark.parametrize("exc,code,needle", [
+    (OSError(errno.ENOSPC, "No space left on device", "/x/metrics.jsonl"), 74,
+     "cannot write /x/metrics.jsonl: No space left on device"),
+    (checkpoint.SaveFailedError("saving checkpoint step 4 in /x/checkpoints failed"), 74, "step 4"),
+    (interrupt.Interrupted(signal.SIGTERM, 3, 6, "/x/checkpoints"), 143, "stopped by SIGTERM at step 3 of 6"),
+    (interrupt.Interrupted(signal.SIGINT, 3, 6, "/x/checkpoints"), 130, "stopped by SIGINT at step 3 of 6"),
+    (KeyboardInterrupt(), 130, "interrupted (Ctrl-C) outside the training steps"),
+])
+def test_main_reports_faults_with_distinct_statuses(capsys, tmp_path, monkeypatch, exc, code, needle):
+    class Loop:
+        @staticmethod
+        def run(cfg, workdir):
+            raise exc
+
+    monkeypatch.setattr(common, "loop_module", lambda cfg: Loop)
+    got, _, err = run_main(capsys, f"--config={SG}:pretrain,smoke", f"--workdir={tmp_path / 'w'}",
+                           f"--config.task.data_dir={tmp_path / 'data'}")
+    assert got == code and needle in err and "Traceback" not in err
 
 
 def test_guard_accepts_corrected_config_when_no_checkpoint(tmp_path, capsys):
@@ -360,33 +382,80 @@ def test_failed_first_step_does_not_block_the_corrected_rerun(tmp_path):
     assert json.load(open(os.path.join(wd, "config.json")))["lr"] == 0.1
 
 
+def test_plot_on_a_pipeline_workdir_draws_every_stage(tmp_path, capsys):
+    from kljax import plot
+    for stage in ("pretrain", "grpo"):
+        with metrics.Writer(str(tmp_path / stage), tensorboard=False) as w:
+            for step in range(1, 4):
+                w.write(step, {"loss": 1.0 / step})
+    assert plot.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out.split()
+    assert out == [str(tmp_path / s / "curves.png") for s in ("grpo", "pretrain")]
+    assert all(os.path.getsize(p) > 0 for p in out)
+
+
+def test_results_table_labels_what_each_column_and_row_measures():
+    from kljax.train import pipeline
+    q = common.load_config_file(os.path.join(REPO, "experiments", "star_graph_qsharp.py") + ":main,smoke")
+    stages = pipeline.stage_configs(q, "/nonexistent")
+    rows = [(n, pipeline._method(s), {"eval/accuracy": 0.25, "step": 4}, 1.0) for n, s, _ in stages]
+    table = pipeline.results_table(q, "/nonexistent", rows, [s for _, s, _ in stages])
+    header = table.splitlines()[2]
+    assert "path accuracy" in header and "greedy" not in header and "| decoding |" in header
+    by_stage = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    eta = stages[1][1].qsharp.rollin_eta
+    assert f"Q♯-guided η={eta:g}, sampled T=1" in by_stage["qsharp"]
+    assert "| greedy |" in by_stage["pretrain"]
+    a = common.load_config_file(os.path.join(REPO, "experiments", "arithmetic.py") + ":main,smoke")
+    stages = pipeline.stage_configs(a, "/nonexistent")
+    rows = [(n, pipeline._method(s), {"eval/accuracy": 0.25}, 1.0) for n, s, _ in stages]
+    assert "exact-match accuracy" in pipeline.results_table(a, "/nonexistent", rows,
+                                                            [s for _, s, _ in stages]).splitlines()[2]
+
+
 # ----------------------------------------------------------------------------------------------
-# A real SIGTERM to `python -m kljax.main`
+# Two processes: a SIGTERM to one of them stops both at the same step, after one checkpoint
+
+
+def _mp_worker(workdir):
+    """Run as `python tests/test_trust.py mp WORKDIR` in each process of launch/local_multiprocess.py."""
+    from kljax.train import sharding as shd
+    shd.initialize_distributed_from_env()
+    mesh = shd.make_mesh({"data": -1})
+    rep = shd.replicated(mesh)
+    state = Tiny(step=jax.device_put(np.zeros((), np.int32), rep), w=jax.device_put(np.ones(3, np.float32), rep))
+    step = jax.jit(tiny_step)
+
+    def step_fn(s, b):
+        if int(jax.device_get(s.step)) == 2 and jax.process_index() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # only process 1 is "preempted"
+        time.sleep(0.05)
+        return step(s, b)
+
+    try:
+        common.run_loop(tiny_cfg(total=60, every=1000), workdir, state=state, step_fn=step_fn, batches=None)
+    except interrupt.Interrupted as e:
+        print(f"STOPPED process={jax.process_index()} step={e.step}", flush=True)
+        sys.exit(143)
+    print(f"FINISHED process={jax.process_index()}", flush=True)
 
 
 @pytest.mark.slow
-def test_sigterm_to_main_saves_exits_143_and_rerun_resumes(tmp_path):
-    wd, data = str(tmp_path / "w"), str(tmp_path / "data")
-    cmd = [sys.executable, "-m", "kljax.main", f"--config={SG}:pretrain,smoke", f"--workdir={wd}",
-           "--config.total_steps=400", "--config.checkpoint.every=1000", "--config.log_every=1",
-           f"--config.task.data_dir={data}"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    deadline = time.time() + 300
-    path = os.path.join(wd, metrics.METRICS_FILE)
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(path) and len(open(path).read().splitlines()) >= 3:
-            break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
-    assert "stopped by SIGTERM at step" in err and "Traceback" not in err
-    step = int(err.split("stopped by SIGTERM at step ")[1].split()[0])
-    assert 3 <= step < 400
-    assert os.path.isdir(os.path.join(wd, "checkpoints", str(step)))
-    rerun = subprocess.run(cmd[:-4] + ["--config.total_steps=" + str(step + 2), "--config.checkpoint.every=1000",
-                                       "--config.log_every=1", f"--config.task.data_dir={data}"],
-                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"resumed from step {step} of {step + 2}" in rerun.stdout
+def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, os.path.join(REPO, "launch", "local_multiprocess.py"), "--num_processes", "2",
+           "--devices_per_process", "2", "--timeout", "240", "--log_dir", str(logs), "--",
+           os.path.abspath(__file__), "mp", str(tmp_path / "w")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = [open(logs / f"process_{i}.log").read() for i in range(2)]
+    stops = [line for text in out for line in text.splitlines() if line.startswith("STOPPED")]
+    assert len(stops) == 2, "".join(o[-2000:] for o in out) + proc.stderr[-2000:]
+    steps = {line.split("step=")[1] for line in stops}
+    assert len(steps) == 1  # both processes agreed on the step
+    step = int(steps.pop())
+    assert 3 <= step < 60 and proc.returncode == 143
+    assert sorted(int(d) for d in os.listdir(tmp_path / "w" / "checkpoints") if d.isdigit()) == [step]
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "mp":
+    _mp_worker(sys.argv[2])

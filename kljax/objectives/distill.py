@@ -14,8 +14,10 @@ Every registered objective has the signature
   ``seq_mean`` mean over non-empty rows of Σ_t m·ℓ / Σ_t m (the GKD paper);
   ``sum`` Σ m·ℓ; ``batchmean`` Σ m·ℓ / B (PyTorch ``kl_div(reduction='batchmean')`` on [B,T,V]).
 
-Metrics: ``distill/loss``, ``distill/kl`` (KL(teacher‖student) at τ, token mean),
-``distill/reverse_kl``, ``distill/tokens``.
+Metrics: ``distill/loss``, ``distill/kl`` (KL(teacher‖student) at τ, token mean over the positions
+where it is finite), ``distill/reverse_kl`` (KL(student‖teacher), likewise), ``distill/kl_inf_frac`` and
+``distill/reverse_kl_inf_frac`` (the fraction of counted positions where that KL is +inf: one side has
+mass where the other's logits are −inf), ``distill/tokens``.
 """
 from __future__ import annotations
 
@@ -72,15 +74,33 @@ def reduce(per_token, mask, reduction: str = "token_mean"):
     return jnp.sum(row_sum / jnp.maximum(row_n, 1.0)) / rows
 
 
+def _finite_mean(per_token, mask):
+    """(mean over the counted positions where ``per_token`` is not +inf, fraction where it is).
+
+    A KL is +inf where its first argument has mass and its second none (a teacher with −inf logits:
+    vocabulary padding, top-k truncation). The metrics keep the finite part and report that
+    fraction, so a diagnostic direction the loss does not use cannot stop a run (the training
+    loops stop on any non-finite metric); an infinite *loss* still does.
+    """
+    inf = jnp.isposinf(per_token)  # NaN is kept: it would be a bug, and must show
+    counted = mask * (1.0 - inf.astype(mask.dtype))
+    value = ops.masked_mean(jnp.where(inf, 0.0, per_token), counted)
+    return value, ops.masked_sum(inf.astype(mask.dtype), mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
 def _finish(per_token, s, t, mask, temperature, tau_squared, reduction, extra=None):
     ops.check_range("temperature", temperature, 0.0, None, low_open=True)
     scale = temperature**2 if tau_squared else 1.0
     loss = scale * reduce(per_token, mask, reduction)
     sg_s = jax.lax.stop_gradient(s)
+    fkl, fkl_inf = _finite_mean(dv.forward_kl(t, sg_s, temperature), mask)
+    rkl, rkl_inf = _finite_mean(dv.reverse_kl(t, sg_s, temperature), mask)
     metrics = {
         "distill/loss": loss,
-        "distill/kl": ops.masked_mean(dv.forward_kl(t, sg_s, temperature), mask),
-        "distill/reverse_kl": ops.masked_mean(dv.reverse_kl(t, sg_s, temperature), mask),
+        "distill/kl": fkl,
+        "distill/kl_inf_frac": fkl_inf,
+        "distill/reverse_kl": rkl,
+        "distill/reverse_kl_inf_frac": rkl_inf,
         "distill/tokens": jnp.sum(mask),
     }
     metrics.update(extra or {})
@@ -285,6 +305,13 @@ def minillm_pg_surrogate(student_logp, teacher_logp, mask, *, gamma: float = 1.0
     MiniLLM's variance reductions and bias that gradient. ``skip_current=True`` gives the
     long-term part that pairs with the exact single-step term (``minillm`` objective).
     """
+    score_term, cost_sum = _minillm_surrogate_parts(student_logp, teacher_logp, mask, gamma, length_norm,
+                                                    skip_current)
+    return score_term + cost_sum
+
+
+def _minillm_surrogate_parts(student_logp, teacher_logp, mask, gamma, length_norm, skip_current):
+    """``minillm_pg_surrogate`` as (gradient part with value 0, value part), see ``_minillm_terms``."""
     ops.check_range("gamma", gamma, 0.0, 1.0)
     ops.check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, mask=mask)
     mask = jnp.asarray(mask, jnp.promote_types(jnp.asarray(student_logp).dtype, jnp.float32))
@@ -298,9 +325,19 @@ def minillm_pg_surrogate(student_logp, teacher_logp, mask, *, gamma: float = 1.0
     if length_norm:
         remaining = _reward_to_go(mask, 1.0) - (mask if skip_current else 0.0)
         to_go = to_go / jnp.maximum(remaining, 1.0)
-    to_go = jax.lax.stop_gradient(to_go)
+    return _minillm_terms(logq, to_go, cost, mask)
+
+
+def _minillm_terms(logq, to_go, cost, mask):
+    """(Σ_t m_t·C_t·(log q_t − sg(log q_t)) [value 0, the gradient], Σ_t cost_t [the value]).
+
+    A token the teacher cannot produce (log p = −inf) makes the cost, and the sequence KL, +inf:
+    its coefficient in the gradient part is then dropped so the value is +inf rather than
+    0·inf = NaN (the loss is infinite either way; the run stops on it).
+    """
+    to_go = jax.lax.stop_gradient(jnp.where(jnp.isfinite(to_go), to_go, 0.0))
     score = logq - jax.lax.stop_gradient(logq)
-    return jnp.sum(mask * to_go * score, axis=-1) + jnp.sum(cost, axis=-1)
+    return jnp.sum(mask * to_go * score, axis=-1), jnp.sum(cost, axis=-1)
 
 
 @register("minillm", "distill")
@@ -331,12 +368,13 @@ def minillm(student_logits, teacher_logits, mask=None, *, tokens=None, gamma: fl
     tokens = jnp.where(mask > 0, jnp.asarray(tokens), 0).astype(jnp.int32)
     logq = ops.token_logprobs(s / temperature, tokens)
     logp = ops.token_logprobs(t / temperature, tokens)
-    seq = minillm_pg_surrogate(logq, logp, mask, gamma=gamma, length_norm=length_norm, skip_current=single_step)
     if single_step:
         step_kl = dv.reverse_kl(t, s, temperature)
         # Value: the exact per-step KLs stand in for the sampled current-token cost.
-        sampled_now = ops.masked_sum(jax.lax.stop_gradient(logq - logp), mask, axis=-1)
-        seq = seq - sampled_now + ops.masked_sum(step_kl, mask, axis=-1)
+        score_term, _ = _minillm_surrogate_parts(logq, logp, mask, gamma, length_norm, True)
+        seq = score_term + ops.masked_sum(step_kl, mask, axis=-1)
+    else:
+        seq = minillm_pg_surrogate(logq, logp, mask, gamma=gamma, length_norm=length_norm)
     # Per-sequence totals: token and sequence means divide by the counts of the real mask.
     if reduction == "batchmean":
         loss = jnp.sum(seq) / s.shape[0]

@@ -12,6 +12,7 @@ import importlib
 
 TABLES = {
     "kl_estimators": "kljax.repro.kl_estimators",
+    "mdvi": "kljax.repro.mdvi",
 }
 
 

@@ -42,6 +42,9 @@ def reward_only(default):
 # Tokenizers
 
 
+_ASCII_NUMBER = re.compile(r"[0-9]+")
+
+
 class SymbolTokenizer:
     """Maps a fixed list of symbols to ids 0..V-1.
 
@@ -59,7 +62,8 @@ class SymbolTokenizer:
         self.numeral_count = int(numeral_count)  # ids 0..numeral_count-1 are the numbers themselves
         self._ids = {s: i for i, s in enumerate(self.symbols)}
         specials = [re.escape(s) for s in self.symbols if s.startswith("<") and len(s) > 1]
-        alts = specials + ([r"\d+"] if self.numeral_count else []) + [r"\S"]
+        # ASCII digits only: ``\d`` would also read "٣" or "３" as the number 3.
+        alts = specials + ([r"[0-9]+"] if self.numeral_count else []) + [r"\S"]
         self._pattern = re.compile("|".join(alts))
 
     @property
@@ -76,7 +80,7 @@ class SymbolTokenizer:
         for piece in self._pattern.findall(text):
             if self.numeral_count and piece == ",":
                 continue
-            if self.numeral_count and piece.isdigit():
+            if self.numeral_count and _ASCII_NUMBER.fullmatch(piece):
                 if int(piece) >= self.numeral_count:
                     raise ValueError(
                         f"number {piece} in {text!r} is out of range: this vocabulary has numbers "
@@ -115,7 +119,7 @@ def left_pad(ids: Sequence[int], length: int, pad_id: int, what: str = "prompt")
     if len(ids) > length:
         raise ValueError(
             f"{what} has {len(ids)} tokens but the task allows at most {length} "
-            f"({what}_len={length}); shorten it, nothing is truncated"
+            f"(prompt_len={length}); shorten it, nothing is truncated"
         )
     tokens = np.full((length,), pad_id, np.int32)
     valid = np.zeros((length,), np.int32)
@@ -383,9 +387,40 @@ class SequenceTask(Task):
     def encode_prompts(self, texts: Sequence[str]) -> Dict[str, np.ndarray]:
         """User prompts -> ``{"prompt": int32[B, prompt_len], "prompt_valid": ...}``, LEFT-padded.
 
-        A prompt longer than ``prompt_len`` raises ``ValueError`` (nothing is truncated).
+        ``ValueError`` (naming the prompt) for: a prompt longer than ``prompt_len`` (nothing is
+        truncated; exactly ``prompt_len`` tokens is fine), an empty prompt (the sampler continues
+        the last prompt token, so there must be one), with a symbol vocabulary a prompt containing the EOS
+        or PAD token (a prompt never holds them: EOS ends a sequence, PAD is not a token the model
+        reads; a Hugging Face chat template may put its EOS in a prompt, so that is allowed), a symbol
+        outside the vocabulary, or no prompts at all. A single string is a ``TypeError`` (it would
+        be read as one prompt per character).
         """
-        rows = [left_pad(self.tokenizer.encode(t), self.prompt_len, self.pad_id, "prompt") for t in texts]
+        if isinstance(texts, (str, bytes)):
+            raise TypeError(f"texts must be a list of prompt strings, got one string {texts!r}; "
+                            "pass [text]")
+        texts = list(texts)
+        if not texts:
+            raise ValueError("texts is empty: encode_prompts needs at least one prompt")
+        # Symbol vocabularies: a prompt never holds EOS or PAD. (A Hugging Face tokenizer's prompts may:
+        # a chat template's end-of-turn token is often the EOS.)
+        forbidden = {self.eos_id: EOS, self.pad_id: PAD} if isinstance(self.tokenizer, SymbolTokenizer) else {}
+        rows = []
+        for i, text in enumerate(texts):
+            try:
+                ids = self.tokenizer.encode(text)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+            if not ids:
+                raise ValueError(f"prompt {i} ({text!r}) is empty: every prompt needs at least one token")
+            bad = [(k, forbidden[t]) for k, t in enumerate(ids) if t in forbidden]
+            if bad:
+                k, sym = bad[0]
+                raise ValueError(f"prompt {i} ({text!r}) contains {sym} at token {k}: prompts may not "
+                                 f"contain the end-of-sequence {EOS} or padding {PAD} token")
+            try:
+                rows.append(left_pad(ids, self.prompt_len, self.pad_id, "prompt"))
+            except ValueError as e:
+                raise ValueError(f"prompt {i} ({text!r}): {e}") from None
         return {"prompt": np.stack([r[0] for r in rows]), "prompt_valid": np.stack([r[1] for r in rows])}
 
     def decode_completions(self, completions, completion_mask) -> List[str]:

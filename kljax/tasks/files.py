@@ -349,7 +349,14 @@ class Files(base.SequenceTask):
         sid = self.splits.index(split)
         target_key = self.completion_key or self.answer_key
         for i, row in enumerate(rows):
-            p = self.prompt_ids(self._column(row, self.prompt_key, split, i))
+            try:
+                p = self.prompt_ids(self._column(row, self.prompt_key, split, i))
+            except ValueError as e:
+                raise ValueError(f"files task: {self._where(split, i)}: {e}") from None
+            if not p:
+                # the sampler continues the last prompt token: a prompt without one cannot be sampled
+                raise ValueError(f"files task: {self._where(split, i)}: the prompt ({self.prompt_key}="
+                                 f"{row.get(self.prompt_key)!r}) has no tokens; give it text, or remove the row")
             parts = {"target": self.completion_ids(self._column(row, target_key, split, i)) if target_key
                      else [self.eos_id]}
             if self.chosen_key:

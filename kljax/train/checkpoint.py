@@ -11,6 +11,11 @@ Retention: the last `keep` checkpoints, plus the best one by `best_metric` (from
 passed to `save`), are kept; orbax deletes the others. Nothing else is ever deleted or overwritten:
 saving a step that already exists raises.
 
+Faults: a failed background save is raised by `check()` (called every step by `run_loop`) as
+`SaveFailedError`, so a run never trains on without checkpoints; `restore_latest` skips a latest
+checkpoint that cannot be read (emptied `_METADATA`, truncated data file), warns naming the step and
+file, restores the previous complete one and moves the unreadable ones to `checkpoints.corrupt/`.
+
 Config guard: the first `Manager` in a workdir writes `config.json`; later ones compare the new
 config with it and raise `ConfigMismatchError` naming every differing field unless all differences
 match `ALLOWED_CHANGES` (fnmatch patterns on dotted field names). `config.json` keeps the config of

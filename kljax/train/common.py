@@ -561,11 +561,13 @@ def run_loop(cfg: Any, workdir: str, *, state: Any, step_fn: Callable[[Any, Any]
             stop.__enter__()
             step = start
             while step < total:
+                t_step = time.perf_counter()
                 batch = next(batches) if batches is not None else None
                 state, m = step_fn(state, batch)
                 step += 1
                 m = dict(m)
-                metrics_lib.check_finite(m, step, mgr.latest_step(), workdir)
+                metrics_lib.check_finite(m, step, mgr.latest_step(), workdir)  # waits for the step's values
+                m["time/step_s"] = time.perf_counter() - t_step
                 ev = None
                 if eval_fn is not None and eval_every and step % eval_every == 0 and step < total:
                     ev = eval_fn(state)
@@ -691,6 +693,11 @@ def validate_common(cfg: Any) -> None:
     if "eval" in cfg:
         require(cfg, "eval.batch_size", lambda v: int(v) >= 1 and int(v) % dp == 0,
                 f"use a positive multiple of the data-parallel size {dp}.", default=128)
+    if "checkpoint" in cfg:
+        require(cfg, "checkpoint.every", lambda v: int(v) >= 1, "save every N >= 1 steps.", default=100)
+        require(cfg, "checkpoint.keep", lambda v: int(v) >= 1, "keep at least the latest checkpoint (>= 1).",
+                default=3)
+        require(cfg, "checkpoint.best_mode", lambda v: v in ("max", "min"), "use 'max' or 'min'.", default="max")
     try:
         state_lib.optimizer_from_config(optim_config(cfg))
     except ConfigError as e:
@@ -726,7 +733,7 @@ def loop_module(cfg: Any):
 
 
 # Loops that run as the same program on every process (a pipeline's stages are checked one by one).
-MULTI_PROCESS_LOOPS = frozenset({"sft", "pipeline"})
+MULTI_PROCESS_LOOPS = frozenset({"sft", "rl", "pipeline"})
 
 
 def check_process_count(cfg: Any) -> None:

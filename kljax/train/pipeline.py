@@ -24,8 +24,11 @@ from typing import Any
 from kljax.config import ConfigError, require
 from kljax.train import common
 
-COLUMNS = (("eval/accuracy", "path accuracy (greedy)"), ("eval/reward", "reward"),
+COLUMNS = (("eval/accuracy", "accuracy"), ("eval/reward", "reward"),
            ("eval/kl", "KL to reference (nats/token)"), ("eval/entropy", "entropy (nats/token)"))
+# What `eval/accuracy` measures, per task (the table's accuracy column is named after it).
+ACCURACY_NAMES = {"star_graph": "path accuracy (whole-path exact match)",
+                  "arithmetic": "exact-match accuracy (whole answer)"}
 TEACHER_FIELDS = ("rl.teacher_from", "distill.teacher_from", "qsharp.reference_from", "qsharp.init_from")
 
 
@@ -89,13 +92,36 @@ def _fmt(v: Any) -> str:
     return "—" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
 
-def results_table(cfg: Any, workdir: str, rows: list[tuple[str, str, dict, float]]) -> str:
-    """Markdown table of each stage's final evaluation."""
-    head = ["stage", "method", *(c[1] for c in COLUMNS), "steps", "wall (s)"]
+def accuracy_name(task_name: str) -> str:
+    """What a task's `eval/accuracy` measures (the accuracy column's header)."""
+    return ACCURACY_NAMES.get(task_name, "exact-match accuracy")
+
+
+def decoding(scfg: Any) -> str:
+    """How a stage's evaluation samples: greedy, sampled at T, or guided (Q♯/CD at η, top-k)."""
+    if scfg.get("loop", "") == "qsharp" and "qsharp" in scfg:
+        q = scfg.qsharp
+        eta = float(q.get("report_eta", q.get("rollin_eta", 0.1)))
+        g = tuple(q.get("guidances", ("qsharp", "cd")))[0]
+        tk = int(q.get("top_k", 0) or 0)
+        return (f"{ {'qsharp': 'Q♯', 'cd': 'CD'}.get(g, g)}-guided η={eta:g}, sampled T={float(q.get('temperature', 1.0)):g}"
+                + (f", top-k {tk}" if tk else ""))
+    t = float(scfg.eval.get("temperature", 0.0)) if "eval" in scfg else 0.0
+    return "greedy" if t == 0 else f"sampled T={t:g}"
+
+
+def results_table(cfg: Any, workdir: str, rows: list[tuple[str, str, dict, float]],
+                  stage_cfgs: list[Any] | None = None) -> str:
+    """Markdown table of each stage's final evaluation; with `stage_cfgs` (one per row) the accuracy
+    column is named after what the task measures and a column says how each row decoded."""
+    acc = accuracy_name(stage_cfgs[0].task.get("name", "")) if stage_cfgs else "accuracy"
+    cols = [acc if k == "eval/accuracy" else label for k, label in COLUMNS]
+    head = ["stage", "method", *(["decoding"] if stage_cfgs else []), *cols, "steps", "wall (s)"]
     lines = [f"## {cfg.get('title', 'Results')}", "", "| " + " | ".join(head) + " |",
              "|" + "|".join("---" for _ in head) + "|"]
-    for name, method, ev, wall in rows:
-        cells = [name, method, *(_fmt(ev.get(k)) for k, _ in COLUMNS), _fmt(ev.get("step")), f"{wall:.0f}"]
+    for i, (name, method, ev, wall) in enumerate(rows):
+        dec = [decoding(stage_cfgs[i])] if stage_cfgs else []
+        cells = [name, method, *dec, *(_fmt(ev.get(k)) for k, _ in COLUMNS), _fmt(ev.get("step")), f"{wall:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     n = rows[0][2].get("eval/num_examples") if rows else None
     lines += ["", f"Test examples per row: {n}. KL: exact KL(π‖π_ref) over the vocabulary on generated tokens "
@@ -120,7 +146,7 @@ def run(cfg: Any, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     from kljax.train import checkpoint
     checkpoint.check_or_write_config(workdir, cfg)
-    rows = []
+    rows, scfgs = [], []
     for name, scfg, _ in stage_configs(cfg, workdir):
         sdir = os.path.join(workdir, name)
         t0 = time.time()
@@ -132,7 +158,8 @@ def run(cfg: Any, workdir: str) -> dict:
             common.validate(scfg)
             ev = common.loop_module(scfg).run(scfg, sdir)
         rows.append((name, _method(scfg), ev, float(ev.get("wall_s", time.time() - t0))))
-    table = results_table(cfg, workdir, rows)
+        scfgs.append(scfg)
+    table = results_table(cfg, workdir, rows, scfgs)
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table)
     print("\n" + table, flush=True)

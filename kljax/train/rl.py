@@ -7,14 +7,21 @@ One loop step (one *roll-out*):
 2. score them with the task's reward; with `rl.dynamic_sampling` (DAPO) groups whose rewards are all
    equal are dropped and more prompts are sampled (up to `rl.max_sampling_rounds` rounds) until the
    batch is full again; rows still missing are filled with dropped groups (their group advantage is 0);
-3. compute old log-probs (policy before the update), reference log-probs (and the reference
-   logits when `objective.kl_estimator == "exact"`), and a teacher's log-probs (KDRL, `rl.teacher_from`);
+3. old log-probs (policy before the update: the sampler's own log-probs when sampling is untempered
+   and untruncated, else a forward pass; `rl.old_logp = "auto" | "sampler" | "recompute"`), reference
+   log-probs (and the reference logits when `objective.kl_estimator == "exact"`), and a teacher's
+   log-probs (KDRL, `rl.teacher_from`);
 4. run `rl.updates_per_rollout` epochs of minibatch updates (`rl.minibatch_size` rows = whole
    groups) with `objective(batch, **hparams)`, where the batch carries the rewards and
    `group_size` (the objective's own advantage estimator, `rl.advantage = "objective"`) or
    precomputed advantages (`"group_mean_std"`, `"group_mean"`, `"leave_one_out"`, `"batch"`);
 5. reference: `rl.reference = "fixed"` keeps `init_from`'s params; `"reset"` replaces the reference by
    the current policy every `rl.reset_every` roll-outs (RPG's iterative reference / ProRL's reset).
+
+Several processes: each samples and scores its own prompts (its grain shard; a group's G completions
+are made in one process), the rewards become one global array, and advantages, minibatch selection
+(one permutation from the step's seed on every process) and metrics use the global arrays, so the
+numbers process 0 prints describe the whole batch. DAPO's dynamic sampling stays single-process.
 
 `total_steps` counts roll-outs; each runs `updates_per_rollout × rollout_rows / minibatch_size`
 optimizer updates (`optim.total_steps` defaults to that product for the schedule).
@@ -90,6 +97,13 @@ def validate(cfg: Any, check_paths: bool = True) -> None:
         raise ConfigError(f"config field `rl.group_size` = {g}: objective {name!r} with rl.advantage={adv!r} uses a "
                           "group baseline, which is 0 for a single sample (no learning signal); use "
                           "rl.group_size >= 2 or rl.advantage='batch'.")
+    require(cfg, "rl.old_logp", lambda v: v in ("auto", "sampler", "recompute"),
+            "use 'auto' (the sampler's log-probs when sampling is untempered and untruncated), 'sampler' or "
+            "'recompute' (a forward pass of the policy before the update).", default="auto")
+    if r.get("dynamic_sampling", False) and jax.process_count() > 1:
+        raise ConfigError("config field `rl.dynamic_sampling` = True runs in one process only (DAPO's group "
+                          f"filtering is host-side), and this run has {jax.process_count()} processes; "
+                          "set --config.rl.dynamic_sampling=False or run one process.")
     if g < 2 and r.get("dynamic_sampling", False):
         raise ConfigError("config field `rl.dynamic_sampling` = True needs rl.group_size >= 2 (a group of one "
                           "always has zero reward variance).")
@@ -128,15 +142,27 @@ def _objective_kwargs(cfg: Any, group_size: int) -> tuple[Any, dict]:
     return fn, kw
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _logp_and_logits(graphdef, params, rest, seq, valid, prompt_len, want_logits):
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _logp_and_logits(graphdef, params, rest, seq, valid, prompt_len, want_logits, chunk_rows=0):
+    """Completion log-probs (and logits) of a roll-out, `chunk_rows` rows at a time when that divides
+    the batch: the `[rows, T, V]` logits of a whole roll-out need not fit in memory at once."""
     model = nnx.merge(graphdef, params, rest)
-    logp, logits = common.completion_logp(model, seq, valid, prompt_len)
-    return logp, (logits if want_logits else None)
+
+    def one(rows):
+        logp, logits = common.completion_logp(model, rows[0], rows[1], prompt_len)
+        return logp, (logits if want_logits else None)
+
+    rows = seq.shape[0]
+    if 0 < chunk_rows < rows and rows % chunk_rows == 0:
+        chunks = lambda x: x.reshape(rows // chunk_rows, chunk_rows, *x.shape[1:])
+        logp, logits = jax.lax.map(one, (chunks(seq), chunks(valid)))
+        unchunk = lambda x: None if x is None else x.reshape(rows, *x.shape[2:])
+        return unchunk(logp), unchunk(logits)
+    return one((seq, valid))
 
 
-def _model_logp(graphdef, params, rest, seq, valid, prompt_len, want_logits=False):
-    return _logp_and_logits(graphdef, params, rest, seq, valid, prompt_len, want_logits)
+def _model_logp(graphdef, params, rest, seq, valid, prompt_len, want_logits=False, chunk_rows=0):
+    return _logp_and_logits(graphdef, params, rest, seq, valid, prompt_len, want_logits, chunk_rows)
 
 
 def _repeat(batch, g):
@@ -235,6 +261,15 @@ def run(cfg: Any, workdir: str) -> dict:
                      top_p=float(r.get("top_p", 1.0)))
 
     reward_stats: dict = {}
+    # Untempered, untruncated sampling draws from the policy itself: its log-probs are the old ones.
+    sampler_is_policy = (r.get("old_logp", "auto") == "sampler" or
+                         (r.get("old_logp", "auto") == "auto" and sample_kw == dict(temperature=1.0, top_k=0, top_p=1.0)))
+    replicated = shd.replicated(mesh)
+    # A minibatch is a gather from the global roll-out, placed straight onto the batch sharding (the same
+    # permutation on every process, no batch through one host).
+    select_rows = jax.jit(lambda tree, idx: jax.tree.map(lambda v: v[idx], tree),
+                          out_shardings=shd.batch_sharding(mesh))
+
     # Rewards (possibly slow Python) are scored on a thread while the device computes the log-probs.
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kljax-reward")
 
@@ -247,22 +282,29 @@ def run(cfg: Any, workdir: str) -> dict:
         return rewards
 
     def rollout(model, batch, key, overlap=False):
+        """Sample this process's groups under the mesh, score its own rows on the host, and return
+        global arrays (a group never straddles processes: its G copies are made here). `overlap`: the
+        rewards are a future of this process's rows (see `step_fn`)."""
         rep = _repeat(batch, G)
         dev = shd.shard_batch({"prompt": rep["prompt"], "prompt_valid": rep["prompt_valid"]}, mesh)
         out = generate(model, dev["prompt"], dev["prompt_valid"], key, n_new, task.eos_id, pad_id=task.pad_id,
                        **sample_kw)
-        toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
-        rewards = pool.submit(score, toks, mask, rep) if overlap else score(toks, mask, rep)
-        return {"sequences": np.asarray(out.sequences), "prompt_valid": rep["prompt_valid"], "mask": mask,
-                "rewards": rewards}
+        toks, mask = shd.local_rows(out.tokens, mesh), shd.local_rows(out.mask, mesh)
+        rewards = (pool.submit(score, toks, mask, rep) if overlap else
+                   shd.shard_batch({"r": score(toks, mask, rep)}, mesh)["r"])
+        return {"sequences": out.sequences, "prompt_valid": dev["prompt_valid"], "mask": out.mask,
+                "sampler_logp": out.logp, "rewards": rewards}
 
     def collect(model, key):
         """A full roll-out batch of `n_prompts` groups (DAPO: only groups with reward variance)."""
         first = rollout(model, next(prompts), jax.random.fold_in(key, 0), overlap=not dynamic)
         if not dynamic:
             return first, {}
-        more = (rollout(model, next(prompts), jax.random.fold_in(key, i)) for i in range(1, max_rounds))
-        return fill_groups(first, more, n_prompts, G)
+        # DAPO's group filtering runs on host arrays (validation keeps it to one process).
+        host = lambda ro: {k: np.asarray(v) for k, v in ro.items()}
+        more = (host(rollout(model, next(prompts), jax.random.fold_in(key, i))) for i in range(1, max_rounds))
+        batch, stats = fill_groups(host(first), more, n_prompts, G)
+        return shd.shard_batch(batch, mesh), stats
 
     def step_fn(st: RLState, _):
         train = st.train
@@ -274,39 +316,35 @@ def run(cfg: Any, workdir: str) -> dict:
             ro, ds_stats = collect(model, key)
         except RewardError as e:  # names the function and the prompt; add the step
             raise e.at_step(step + 1) from e
-        # Metrics of the roll-out as sampled (before dynamic-sampling filtering, TRL reports the batch used).
-        seq = jnp.asarray(ro["sequences"])
-        valid = jnp.concatenate([jnp.asarray(ro["prompt_valid"]), jnp.asarray(ro["mask"])], axis=1)
-        old_logp, _ = _model_logp(train.graphdef, train.params, train.model_state, seq, valid, P)
-        ref_logp, ref_logits = _model_logp(train.graphdef, st.ref_params, train.model_state, seq, valid, P, exact)
-        full = {"sequences": ro["sequences"], "valid": np.asarray(valid), "mask": ro["mask"].astype(np.float32),
-                "old_logp": np.asarray(old_logp), "ref_logp": np.asarray(ref_logp)}
+        seq, mask = ro["sequences"], ro["mask"]
+        valid = jnp.concatenate([ro["prompt_valid"], mask.astype(ro["prompt_valid"].dtype)], axis=1)
+        if sampler_is_policy:  # the sampler's log-probs are the policy's: no second forward pass
+            old_logp = ro["sampler_logp"]
+        else:
+            old_logp, _ = _model_logp(train.graphdef, train.params, train.model_state, seq, valid, P, False, mb)
+        ref_logp, ref_logits = _model_logp(train.graphdef, st.ref_params, train.model_state, seq, valid, P, exact,
+                                           mb)
+        full = {"sequences": seq, "valid": valid, "mask": mask.astype(jnp.float32), "old_logp": old_logp,
+                "ref_logp": ref_logp}
         if exact:
-            full["ref_logits"] = np.asarray(ref_logits)
+            full["ref_logits"] = ref_logits
         if teacher is not None:
-            t_logp, _ = _model_logp(teacher[0], teacher[1], teacher[2], seq, valid, P)
-            full["teacher_logp"] = np.asarray(t_logp)
+            full["teacher_logp"], _ = _model_logp(teacher[0], teacher[1], teacher[2], seq, valid, P, False, mb)
         rw = ro["rewards"]
-        if isinstance(rw, concurrent.futures.Future):  # scored while the log-probs above were computed
+        if isinstance(rw, concurrent.futures.Future):  # scored while the passes above run on the device
             t0 = time.perf_counter()
             try:
-                rw = rw.result()
+                rw = shd.shard_batch({"r": rw.result()}, mesh)["r"]
             except RewardError as e:
                 raise e.at_step(step + 1) from e
             reward_stats["time/reward_wait_s"] = time.perf_counter() - t0
-        if adv_kind == "objective":
-            full["rewards"] = rw
-        else:
-            if adv_kind == "group_mean_std":
-                a = adv_lib.group_normalized(rw, G)
-            elif adv_kind == "group_mean":
-                a = adv_lib.group_mean(rw, G)
-            elif adv_kind == "leave_one_out":
-                a = adv_lib.leave_one_out(rw, G)
-            else:
-                a = adv_lib.batch_normalized(jnp.asarray(rw))
-            full["advantages"] = np.asarray(a, np.float32)
-            full["rewards"] = rw
+        full["rewards"] = rw
+        if adv_kind != "objective":  # every process computes the same advantages from the global rewards
+            a = {"group_mean_std": lambda: adv_lib.group_normalized(rw, G),
+                 "group_mean": lambda: adv_lib.group_mean(rw, G),
+                 "leave_one_out": lambda: adv_lib.leave_one_out(rw, G)}.get(adv_kind,
+                                                                            lambda: adv_lib.batch_normalized(rw))()
+            full["advantages"] = a.astype(jnp.float32)
         # Minibatches of whole groups, reshuffled each epoch (deterministic given the step).
         rng = np.random.default_rng([int(cfg.seed), step])
         n_groups = rows // G
@@ -316,14 +354,14 @@ def run(cfg: Any, workdir: str) -> dict:
             order = rng.permutation(n_groups)
             for lo in range(0, n_groups, mb // G):
                 idx = (order[lo:lo + mb // G][:, None] * G + np.arange(G)[None]).reshape(-1)
-                mbatch = shd.shard_batch({k: v[idx] for k, v in full.items()}, mesh)
+                mbatch = select_rows(full, jax.device_put(idx, replicated))
                 train, m = step_fn_jit(train, mbatch)
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n += 1
         out = {k: v / n for k, v in sums.items()}
-        out.update({k: float(v) for k, v in adv_lib.reward_metrics(jnp.asarray(rw), G).items()})
-        out["completions/mean_length"] = float(ro["mask"].sum(-1).mean())
+        out.update({k: float(v) for k, v in adv_lib.reward_metrics(rw, G).items()})
+        out["completions/mean_length"] = float(mask.sum(-1).mean())
         out["num_updates"] = float(n)
         out.update(ds_stats)
         out.update(reward_stats)

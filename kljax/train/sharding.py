@@ -199,6 +199,18 @@ def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(one, local_batch)
 
 
+def local_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
+    """This process's rows of a global array split over ("data", "fsdp") on its leading dimension, as
+    numpy: the inverse of `shard_batch` (all rows in a single process)."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    x = jax.jit(lambda a: a, out_shardings=batch_sharding(mesh))(x)  # the layout shard_batch made
+    pieces = {}
+    for shard in x.addressable_shards:  # tensor-axis replicas hold the same rows: keep one
+        pieces.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
+    return np.concatenate([pieces[k] for k in sorted(pieces)], axis=0)
+
+
 def jit_step(fn: Callable, mesh: Mesh, state_sharding: Any, in_batch_sharding: Any = None, *,
              donate_state: bool = True, metrics_sharding: Any = None, extra_sharding: Any = None) -> Callable:
     """`jax.jit(fn)` for `fn(state, batch) -> (state, metrics)` with explicit shardings.
