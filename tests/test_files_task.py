@@ -220,6 +220,17 @@ def test_reward_failures_name_function_and_prompt(tok_dir, tmp_path, reward_file
     assert "step 7" in str(e.value.at_step(7))
 
 
+def test_conversational_rows_get_trl_message_completions(tok_dir, tmp_path):
+    p = tmp_path / "conv_rewards.py"
+    p.write_text("def says_hi(prompts, completions, **kw):\n"
+                 "    return [float(c[0]['role'] == 'assistant' and 'hi' in c[0]['content'] and p[-1]['role'] == 'user')"
+                 " for p, c in zip(prompts, completions)]\n")
+    f = write(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "say hi"}]}] * 2)
+    task = make(tok_dir, f, prompt_key="messages", prompt_len=64, reward=f"{p}:says_hi")
+    batch = {k: np.stack([r[k] for r in records(task, "train", tmp_path / "d")]) for k in ("row", "split_id")}
+    np.testing.assert_allclose(task.reward(*completions_of(task, ["hi there", "bye"]), batch), [1.0, 0.0])
+
+
 def test_reward_spec_errors(tok_dir, tmp_path, reward_file):
     f = write(tmp_path / "a.jsonl", ROWS)
     with pytest.raises(AttributeError, match="no function 'missing'"):

@@ -404,8 +404,10 @@ class Files(base.SequenceTask):
         columns = {k: [r.get(k) for r in rows] for k in keys}
         if self.answer_key and "answer" not in columns and self.answer_key in columns:
             columns["answer"] = columns[self.answer_key]  # what the built-in math_answer reads
-        total, metrics = rewards_lib.score(rewards_lib.parse(self.reward_spec), [r.get(self.prompt_key) for r in rows],
-                                           texts, columns)
+        prompts = [r.get(self.prompt_key) for r in rows]
+        if prompts and isinstance(prompts[0], (list, tuple)):  # conversational data: completions as TRL passes them
+            texts = [[{"role": "assistant", "content": t}] for t in texts]
+        total, metrics = rewards_lib.score(rewards_lib.parse(self.reward_spec), prompts, texts, columns)
         object.__setattr__(self, "last_reward_metrics", metrics)
         return total
 
