@@ -116,7 +116,7 @@ def test_cache_is_keyed_by_content_and_tokenizer(tok_dir, tmp_path):
     assert make(tok_dir, moved, prompt_len=17).config_name() != task.config_name()
 
 
-def test_over_long_examples_dropped_and_counted_or_an_error(tok_dir, tmp_path):
+def test_over_long_examples_dropped_and_counted_or_an_error(tok_dir, tmp_path, capsys):
     tok = load_tokenizer(tok_dir)
     rows = ROWS + [{"prompt": "what is " + " plus ".join(str(i) for i in range(20)) + "?", "answer": "190"},
                    {"prompt": "what is 1 plus 1?", "answer": " ".join(["2"] * 30)}]
@@ -128,6 +128,11 @@ def test_over_long_examples_dropped_and_counted_or_an_error(tok_dir, tmp_path):
     recs = records(task, "train", tmp_path / "d")
     assert len(recs) == len(rows) - 2
     assert task.dropped("train", str(tmp_path / "d")) == 2
+    from kljax.tasks import files as files_mod
+    files_mod._REPORTED.clear()  # a later process reading the cached data is told too
+    capsys.readouterr()
+    make(tok_dir, f, answer_key="answer").data_source("train", str(tmp_path / "d"))
+    assert "2 train examples over prompt_len=16" in capsys.readouterr().out
     assert sorted(int(r["row"]) for r in recs) == list(range(len(ROWS)))
     strict = make(tok_dir, f, answer_key="answer", too_long="error")
     with pytest.raises(ValueError, match=r"long.jsonl row 7: prompt has \d+ tokens > prompt_len=16"):

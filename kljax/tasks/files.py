@@ -51,6 +51,9 @@ from kljax.tasks import rewards as rewards_lib
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+_REPORTED: set = set()  # (config name, split) whose dropped count this process has printed
+
+
 class FilesBuilder(base.TaskBuilder, skip_registration=True):
     name = "files"
     VERSION = tfds.core.Version("1.0.0")
@@ -75,6 +78,7 @@ class FilesBuilder(base.TaskBuilder, skip_registration=True):
         dropped = len(rows) - kept
         self.info.metadata["dropped"][split] = dropped
         self.info.metadata["total"][split] = len(rows)
+        _REPORTED.add((self._task.config_name(), split))
         if dropped:
             print(f"files task: dropped {dropped} of {len(rows)} {split} examples longer than "
                   f"prompt_len={self._task.prompt_len} / completion_len={self._task.completion_len} tokens "
@@ -378,6 +382,18 @@ class Files(base.SequenceTask):
 
     def split_size(self, split: str) -> int:
         return len(self.data_source(split))
+
+    def data_source(self, split: str, data_dir: Optional[str] = None):
+        """As for every task; the first use in a process of cached data that dropped examples says so."""
+        src = super().data_source(split, data_dir)
+        key = (self.config_name(), split)
+        if key not in _REPORTED:
+            _REPORTED.add(key)
+            n = self.dropped(split, data_dir)
+            if n:
+                print(f"files task: {n} {split} examples over prompt_len={self.prompt_len} / completion_len="
+                      f"{self.completion_len} were dropped when this data was built (too_long='drop')", flush=True)
+        return src
 
     def dropped(self, split: str, data_dir: Optional[str] = None) -> int:
         """How many examples of ``split`` were over budget and dropped when the data were built."""
