@@ -28,6 +28,7 @@ optimizer updates (`optim.total_steps` defaults to that product for the schedule
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import inspect
 import time
@@ -272,25 +273,34 @@ def run(cfg: Any, workdir: str) -> dict:
     select_rows = jax.jit(lambda tree, idx: jax.tree.map(lambda v: v[idx], tree),
                           out_shardings=shd.batch_sharding(mesh))
 
-    def rollout(model, batch, key):
-        """Sample this process's groups under the mesh, score its own rows on the host, and return
-        global arrays (a group never straddles processes: its G copies are made here)."""
-        rep = _repeat(batch, G)
-        dev = shd.shard_batch({"prompt": rep["prompt"], "prompt_valid": rep["prompt_valid"]}, mesh)
-        out = generate(model, dev["prompt"], dev["prompt_valid"], key, n_new, task.eos_id, pad_id=task.pad_id,
-                       **sample_kw)
-        toks, mask = shd.local_rows(out.tokens, mesh), shd.local_rows(out.mask, mesh)
+    # Rewards (possibly slow Python) are scored on a thread while the device computes the log-probs.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kljax-reward")
+
+    def score(toks, mask, rep):
         t0 = time.perf_counter()
         rewards = np.asarray(task.reward(toks, mask, rep), np.float32)
         reward_stats["time/reward_s"] = reward_stats.get("time/reward_s", 0.0) + time.perf_counter() - t0
         reward_stats.update({k: v for k, v in getattr(task, "last_reward_metrics", {}).items()
                              if k.startswith("rewards/")})
+        return rewards
+
+    def rollout(model, batch, key, overlap=False):
+        """Sample this process's groups under the mesh, score its own rows on the host, and return
+        global arrays (a group never straddles processes: its G copies are made here). `overlap`: the
+        rewards are a future of this process's rows (see `step_fn`)."""
+        rep = _repeat(batch, G)
+        dev = shd.shard_batch({"prompt": rep["prompt"], "prompt_valid": rep["prompt_valid"]}, mesh)
+        out = generate(model, dev["prompt"], dev["prompt_valid"], key, n_new, task.eos_id, pad_id=task.pad_id,
+                       **sample_kw)
+        toks, mask = shd.local_rows(out.tokens, mesh), shd.local_rows(out.mask, mesh)
+        rewards = (pool.submit(score, toks, mask, rep) if overlap else
+                   shd.shard_batch({"r": score(toks, mask, rep)}, mesh)["r"])
         return {"sequences": out.sequences, "prompt_valid": dev["prompt_valid"], "mask": out.mask,
-                "sampler_logp": out.logp, "rewards": shd.shard_batch({"r": rewards}, mesh)["r"]}
+                "sampler_logp": out.logp, "rewards": rewards}
 
     def collect(model, key):
         """A full roll-out batch of `n_prompts` groups (DAPO: only groups with reward variance)."""
-        first = rollout(model, next(prompts), jax.random.fold_in(key, 0))
+        first = rollout(model, next(prompts), jax.random.fold_in(key, 0), overlap=not dynamic)
         if not dynamic:
             return first, {}
         # DAPO's group filtering runs on host arrays (validation keeps it to one process).
@@ -324,6 +334,13 @@ def run(cfg: Any, workdir: str) -> dict:
         if teacher is not None:
             full["teacher_logp"], _ = _model_logp(teacher[0], teacher[1], teacher[2], seq, valid, P, False, mb)
         rw = ro["rewards"]
+        if isinstance(rw, concurrent.futures.Future):  # scored while the passes above run on the device
+            t0 = time.perf_counter()
+            try:
+                rw = shd.shard_batch({"r": rw.result()}, mesh)["r"]
+            except RewardError as e:
+                raise e.at_step(step + 1) from e
+            reward_stats["time/reward_wait_s"] = time.perf_counter() - t0
         full["rewards"] = rw
         if adv_kind != "objective":  # every process computes the same advantages from the global rewards
             a = {"group_mean_std": lambda: adv_lib.group_normalized(rw, G),
@@ -357,9 +374,12 @@ def run(cfg: Any, workdir: str) -> dict:
             out["reference_reset"] = 1.0
         return RLState(train=train, ref_params=new_ref, step=st.step + 1), out
 
-    return common.run_loop(cfg, workdir, state=state, step_fn=step_fn, batches=_PromptIter(prompts),
-                           eval_fn=eval_fn,
-                           bar_keys=("reward", "kl", "entropy", "loss"), desc=f"rl {cfg.objective.name}")
+    try:
+        return common.run_loop(cfg, workdir, state=state, step_fn=step_fn, batches=_PromptIter(prompts),
+                               eval_fn=eval_fn,
+                               bar_keys=("reward", "kl", "entropy", "loss"), desc=f"rl {cfg.objective.name}")
+    finally:
+        pool.shutdown(wait=False)
 
 
 class _PromptIter:
