@@ -36,34 +36,36 @@ def _inputs(dtype=jnp.float32, shape=(2, 3), d=6, v=V, seed=0):
     return h, w, ht, wt, tokens
 
 
-# One loss per path, each a scalar mixing both outputs with non-trivial cotangents.
-@functools.partial(jax.jit, static_argnames=("temperature", "chunk"))
+# One jitted program per path: (loss, (logp, entropy)) and the gradients w.r.t. (h, w); the loss
+# mixes both outputs with non-trivial cotangents.
+def _mix(logp, ent):
+    return jnp.sum(jnp.sin(logp)) + jnp.sum(jnp.cos(ent)), (logp, ent)
+
+
 def _tiled_logprob_loss(h, w, tokens, temperature, chunk):
-    logp, ent = ops.token_logprobs_and_entropy_from_hidden(h, w, tokens, temperature, chunk)
-    return jnp.sum(jnp.sin(logp)) + jnp.sum(jnp.cos(ent))
+    return _mix(*ops.token_logprobs_and_entropy_from_hidden(h, w, tokens, temperature, chunk))
 
 
-@functools.partial(jax.jit, static_argnames=("temperature",))
-def _dense_logprob_loss(h, w, tokens, temperature):
+def _dense_logprob_loss(h, w, tokens, temperature, chunk=None):
     logits = jnp.einsum("...d,dv->...v", h.astype(jnp.float32), w.astype(jnp.float32))
-    logp = ops.token_logprobs(logits / temperature, tokens)
-    return jnp.sum(jnp.sin(logp)) + jnp.sum(jnp.cos(ops.entropy(logits, temperature)))
+    return _mix(ops.token_logprobs(logits / temperature, tokens), ops.entropy(logits, temperature))
 
 
-def _grads(loss, *args, **kw):
-    return jax.value_and_grad(loss, argnums=(0, 1))(*args, **kw)
+@functools.partial(jax.jit, static_argnames=("tiled", "temperature", "chunk"))
+def _grads(h, w, tokens, tiled, temperature, chunk=None):
+    loss = _tiled_logprob_loss if tiled else _dense_logprob_loss
+    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(h, w, tokens, temperature, chunk)
 
 
 @pytest.mark.parametrize("chunk,temperature", [(1, 1.0), (5, 0.7), (13, 1.0), (64, 0.7)])
 def test_logprobs_and_entropy_equal_dense_float32(chunk, temperature):
     h, w, _, _, tokens = _inputs()
-    logp, ent = ops.token_logprobs_and_entropy_from_hidden(h, w, tokens, temperature, chunk)
-    logits = h @ w
-    np.testing.assert_allclose(logp, ops.token_logprobs(logits / temperature, tokens), atol=2e-5)
-    np.testing.assert_allclose(ent, ops.entropy(logits, temperature), atol=2e-5)
-    (vt, gt), (vd, gd) = _grads(_tiled_logprob_loss, h, w, tokens, temperature=temperature, chunk=chunk), _grads(
-        _dense_logprob_loss, h, w, tokens, temperature=temperature
-    )
+    (vt, (logp, ent)), gt = _grads(h, w, tokens, tiled=True, temperature=temperature, chunk=chunk)
+    (vd, _), gd = _grads(h, w, tokens, tiled=False, temperature=temperature)
+    logits = np.asarray(h, np.float64) @ np.asarray(w, np.float64) / temperature  # independent reference
+    ref_logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(logp, np.take_along_axis(ref_logp, np.asarray(tokens)[..., None], -1)[..., 0], atol=2e-5)
+    np.testing.assert_allclose(ent, -(np.exp(ref_logp) * ref_logp).sum(-1), atol=2e-5)
     np.testing.assert_allclose(vt, vd, rtol=1e-5, atol=1e-5)
     for a, b in zip(gt, gd):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -71,8 +73,8 @@ def test_logprobs_and_entropy_equal_dense_float32(chunk, temperature):
 
 def test_logprobs_and_entropy_from_hidden_bfloat16():
     h, w, _, _, tokens = _inputs(jnp.bfloat16)
-    (vt, gt) = _grads(_tiled_logprob_loss, h, w, tokens, temperature=1.0, chunk=5)
-    (vd, gd) = _grads(_dense_logprob_loss, h, w, tokens, temperature=1.0)
+    (vt, _), gt = _grads(h, w, tokens, tiled=True, temperature=1.0, chunk=5)
+    (vd, _), gd = _grads(h, w, tokens, tiled=False, temperature=1.0)
     assert gt[0].dtype == jnp.bfloat16 and gt[1].dtype == jnp.bfloat16
     np.testing.assert_allclose(float(vt), float(vd), rtol=1e-2, atol=1e-2)
     for a, b in zip(gt, gd):
@@ -82,25 +84,23 @@ def test_logprobs_and_entropy_from_hidden_bfloat16():
 
 def test_logprobs_from_hidden_is_the_logprob_half():
     h, w, _, _, tokens = _inputs()
-    np.testing.assert_array_equal(
-        ops.token_logprobs_from_hidden(h, w, tokens, 5, temperature=0.7),
-        ops.token_logprobs_and_entropy_from_hidden(h, w, tokens, 0.7, 5)[0],
-    )
+    (_, (logp, _)), _ = _grads(h, w, tokens, tiled=True, temperature=0.7, chunk=5)
+    half = jax.jit(lambda h, w: ops.token_logprobs_from_hidden(h, w, tokens, 5, temperature=0.7))
+    np.testing.assert_allclose(half(h, w), logp, rtol=1e-6)
 
 
 def test_entropy_from_hidden_stays_accurate_for_huge_logits():
     # Logits ~1e4: H = lse − E[z] would cancel catastrophically; the shifted sums must not.
     h, w, _, _, tokens = _inputs(d=6)
     h = h * 3e3
-    _, ent = ops.token_logprobs_and_entropy_from_hidden(h, w, tokens, 1.0, 5)
+    (_, (_, ent)), _ = _grads(h, w, tokens, tiled=True, temperature=1.0, chunk=5)
     np.testing.assert_allclose(ent, ops.entropy(h @ w), atol=1e-4)
     assert np.all(np.asarray(ent) >= 0)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_check_grads_logprobs_and_entropy_custom_vjp(temperature, x64):
+def test_check_grads_logprobs_and_entropy_custom_vjp(x64):
     h, w, _, _, tokens = _inputs(jnp.float64, shape=(2, 2), d=4, v=7)
-    f = jax.jit(lambda h, w: _tiled_logprob_loss(h, w, tokens, temperature=temperature, chunk=3))
+    f = jax.jit(lambda h, w: _tiled_logprob_loss(h, w, tokens, 0.7, 3)[0])
     check_grads(f, (h, w), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
