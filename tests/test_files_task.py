@@ -245,8 +245,10 @@ def test_builtin_math_answer_format_length():
 
 
 # ---------------------------------------------------------------------------------------------- registry
-def test_register_task_from_user_module(tmp_path):
+def test_register_task_from_user_module(tmp_path, monkeypatch):
     from kljax.train import common
+    # The registration lasts for this test only (other tests check the built-in registry).
+    monkeypatch.setattr(tasks, "_REGISTRY", dict(tasks._REGISTRY))
     mod = tmp_path / "my_tasks.py"
     mod.write_text(textwrap.dedent("""
         import dataclasses

@@ -153,9 +153,12 @@ def _logp_and_logits(graphdef, params, rest, seq, valid, prompt_len, want_logits
 
     rows = seq.shape[0]
     if 0 < chunk_rows < rows and rows % chunk_rows == 0:
-        chunks = lambda x: x.reshape(rows // chunk_rows, chunk_rows, *x.shape[1:])
+        # Chunk k holds rows k, k + n, k + 2n, ...: the row dimension of each chunk keeps the roll-out's
+        # batch sharding (contiguous chunks would each sit on a few devices, or be replicated).
+        n = rows // chunk_rows
+        chunks = lambda x: jnp.moveaxis(x.reshape(chunk_rows, n, *x.shape[1:]), 1, 0)
         logp, logits = jax.lax.map(one, (chunks(seq), chunks(valid)))
-        unchunk = lambda x: None if x is None else x.reshape(rows, *x.shape[2:])
+        unchunk = lambda x: None if x is None else jnp.moveaxis(x, 0, 1).reshape(rows, *x.shape[2:])
         return unchunk(logp), unchunk(logits)
     return one((seq, valid))
 
