@@ -59,6 +59,7 @@ LOOP_MODULES = {
     "qsharp": "kljax.train.qsharp",
     "preference": "kljax.train.preference",
     "pipeline": "kljax.train.pipeline",
+    "reward_model": "kljax.train.reward_model",
 }
 
 
