@@ -103,10 +103,16 @@ def run_main(arg, workdir, user, *overrides):
         flags.FLAGS.unparse_flags()
 
 
-@pytest.mark.slow
-def test_reward_model_smoke_through_main_learns_pairs(user):
+@pytest.fixture(scope="module")
+def rm_run(user):
     wd = str(user["root"] / "rm")
     run_main("reward_model,smoke", wd, user, "--config.total_steps=6", "--config.checkpoint.every=3")
+    return wd
+
+
+@pytest.mark.slow
+def test_reward_model_smoke_through_main_learns_pairs(rm_run, user):
+    wd = rm_run
     with open(os.path.join(wd, "metrics.jsonl")) as f:
         m = [json.loads(line) for line in f]
     train = [r for r in m if "accuracy" in r]
@@ -116,14 +122,45 @@ def test_reward_model_smoke_through_main_learns_pairs(user):
     assert np.mean([r["loss"] for r in train[-2:]]) < np.mean([r["loss"] for r in train[:2]])
     ev = json.load(open(os.path.join(wd, "eval.json")))
     assert ev["step"] == 6 and ev["eval/accuracy"] >= 0.75 and ev["eval/margin"] > 0
-    # the trained workdir restores as a reward model and scores held-out pairs the same way
+    # the trained workdir loads as a reward function and scores the held-out pairs as the run's eval did
     from kljax.train import sharding as shd
     mesh = shd.make_mesh({"data": -1})
     cfg = common.read_config(wd)
-    model = common.load_model_from(wd, mesh)
-    task = common.build_task(cfg)
-    again = rm.evaluate_pairs(model, common.test_records(cfg, task, "test"), 8, mesh)
-    np.testing.assert_allclose(again["eval/accuracy"], ev["eval/accuracy"])
+    rec = common.test_records(cfg, common.build_task(cfg), "test")
+    score = rm.load_reward_fn(wd, mesh)
+    rc = np.asarray(score(rec["prompt"], rec["prompt_valid"], rec["chosen"], rec["chosen_valid"]))
+    rr = np.asarray(score(rec["prompt"], rec["prompt_valid"], rec["rejected"], rec["rejected_valid"]))
+    np.testing.assert_allclose(np.mean(rc - rr), ev["eval/margin"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.mean(rc > rr), ev["eval/accuracy"])
+
+
+@pytest.mark.slow
+def test_grpo_with_model_reward(rm_run, user):
+    """`task.reward = "model:<workdir>"`: the rl loop scores roll-outs with the trained reward model."""
+    wd = str(user["root"] / "grpo_rm")
+    run_main("grpo,smoke", wd, user, f"--config.task.reward=model:{rm_run}", "--config.task.prompt_key=prompt",
+             "--config.task.answer_key=")
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        m = [json.loads(line) for line in f if '"reward"' in line]
+    assert len(m) == 2
+    for r in m:
+        assert np.isfinite(r["reward"]) and np.isfinite(r["loss"]) and r["time/reward_s"] >= 0
+        # the reward model's real-valued scores, not the task's 0/1 exact match (a mean of 8 rows in k/8)
+        assert r["reward_std"] > 0 and abs(r["reward"] * 8 - round(r["reward"] * 8)) > 1e-4
+
+
+def test_model_reward_config_errors(rm_run, user, tmp_path):
+    cfg = common.load_config_file(f"{HF}:grpo,smoke")
+    with cfg.unlocked():
+        cfg.model.hf_path = user["model"]
+        cfg.task.train_files, cfg.task.test_files = user["train"], user["test"]
+        cfg.task.data_dir, cfg.task.prompt_key, cfg.task.answer_key = user["data"], "prompt", ""
+        cfg.task.reward = f"model:{rm_run}"
+    common.validate(cfg)
+    with cfg.unlocked():
+        cfg.task.reward = f"model:{tmp_path / 'nope'}"
+    with pytest.raises(ConfigError, match="task.reward"):
+        common.validate(cfg)
 
 
 def test_reward_model_config_errors(user, tmp_path):

@@ -19,6 +19,12 @@ model (value head included), or a fresh `model` config.
 
 Config (besides the common schema): `reward_model.center_coef` (float, default 0).
 `sequence_rewards` is the scoring function a trained reward model is used through.
+
+A trained run is a reward for the `rl` loop: `task.reward = "model:<workdir>"` (with any task; the
+task's own reward is then unused). The reward model must read the policy's token ids (the same tokenizer
+and vocabulary size, checked); its latest checkpoint is loaded on the run's mesh and each roll-out's
+(prompt, completion) rows are scored on the device, batch-sharded, in one jitted forward pass
+(`load_reward_fn`), no host round trip.
 """
 from __future__ import annotations
 
@@ -95,6 +101,46 @@ def evaluate_pairs(model, records, batch_size: int, mesh=None) -> dict:
     rc, rr = np.concatenate(rc), np.concatenate(rr)
     return {"eval/accuracy": float(np.mean(rc > rr)), "eval/margin": float(np.mean(rc - rr)),
             "eval/rewards/chosen": float(np.mean(rc)), "eval/rewards/rejected": float(np.mean(rr))}
+
+
+MODEL_PREFIX = "model:"
+
+
+def model_reward_workdir(cfg: Any) -> str:
+    """The workdir of `task.reward = "model:<workdir>"`, or "" when the reward is not a model."""
+    spec = str(cfg.task.get("reward", "") or "").strip() if "task" in cfg else ""
+    return spec[len(MODEL_PREFIX):].strip() if spec.startswith(MODEL_PREFIX) else ""
+
+
+def check_model_reward(cfg: Any, check_paths: bool = True) -> None:
+    """Config checks of `task.reward = "model:<workdir>"`: a finished reward-model run whose vocabulary
+    is the policy's (raises `ConfigError` naming `task.reward`)."""
+    wd = model_reward_workdir(cfg)
+    if not wd or not check_paths:
+        return
+    common.check_run_exists(wd, "task.reward")
+    rcfg = common.read_config(wd)
+    if rcfg.get("loop", "") != "reward_model":
+        raise ConfigError(f"config field `task.reward` = {cfg.task.reward!r}: that run has loop={rcfg.get('loop')!r}; "
+                          "point it at a run of loop 'reward_model'.")
+    mine, theirs = common.model_config(cfg).vocab_size, common.model_config(rcfg).vocab_size
+    if mine != theirs:
+        raise ConfigError(f"config field `task.reward` = {cfg.task.reward!r}: the reward model's vocabulary has "
+                          f"{theirs} entries and the policy's {mine}; a reward model must read the policy's token "
+                          "ids (train it with the policy's tokenizer).")
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _score_jit(graphdef, params, rest, prompt, prompt_valid, completion, completion_valid):
+    return sequence_rewards(nnx.merge(graphdef, params, rest), prompt, prompt_valid, completion, completion_valid)
+
+
+def load_reward_fn(workdir: str, mesh):
+    """`fn(prompt, prompt_valid, completion, completion_valid) -> float32[B]` of the reward-model run in
+    `workdir` (latest checkpoint, placed on `mesh`); inputs and output stay on the device."""
+    ts, _ = common.load_state_from(workdir, mesh)
+    graphdef, params, rest = nnx.split(ts.model(), nnx.Param, ...)
+    return functools.partial(_score_jit, graphdef, params, rest)
 
 
 def _check_task_has_pairs(cfg: Any, task) -> None:
