@@ -128,6 +128,8 @@ def validate(cfg: Any, check_paths: bool = True) -> None:
         common.check_run_exists(cfg.init_from, "init_from")
         if r.get("teacher_from", ""):
             common.check_run_exists(r.teacher_from, "rl.teacher_from")
+    from kljax.train import reward_model
+    reward_model.check_model_reward(cfg, check_paths)
     if name == "kdrl" and not r.get("teacher_from", ""):
         raise ConfigError("objective 'kdrl' needs a teacher: set config field `rl.teacher_from` to a trained run's "
                           "workdir.")
@@ -264,6 +266,9 @@ def run(cfg: Any, workdir: str) -> dict:
                      top_p=float(r.get("top_p", 1.0)))
 
     reward_stats: dict = {}
+    from kljax.train import reward_model
+    rm_dir = reward_model.model_reward_workdir(cfg)
+    rm_score = reward_model.load_reward_fn(rm_dir, mesh) if rm_dir else None  # task.reward = "model:<workdir>"
     # Untempered, untruncated sampling draws from the policy itself: its log-probs are the old ones.
     sampler_is_policy = (r.get("old_logp", "auto") == "sampler" or
                          (r.get("old_logp", "auto") == "auto" and sample_kw == dict(temperature=1.0, top_k=0, top_p=1.0)))
@@ -292,6 +297,12 @@ def run(cfg: Any, workdir: str) -> dict:
         dev = shd.shard_batch({"prompt": rep["prompt"], "prompt_valid": rep["prompt_valid"]}, mesh)
         out = generate(model, dev["prompt"], dev["prompt_valid"], key, n_new, task.eos_id, pad_id=task.pad_id,
                        **sample_kw)
+        if rm_score is not None:  # a reward model: scored on the device, batch-sharded
+            t0 = time.perf_counter()
+            rewards = jax.block_until_ready(rm_score(dev["prompt"], dev["prompt_valid"], out.tokens, out.mask))
+            reward_stats["time/reward_s"] = reward_stats.get("time/reward_s", 0.0) + time.perf_counter() - t0
+            return {"sequences": out.sequences, "prompt_valid": dev["prompt_valid"], "mask": out.mask,
+                    "sampler_logp": out.logp, "rewards": rewards}
         toks, mask = shd.local_rows(out.tokens, mesh), shd.local_rows(out.mask, mesh)
         rewards = (pool.submit(score, toks, mask, rep) if overlap else
                    shd.shard_batch({"r": score(toks, mask, rep)}, mesh)["r"])
