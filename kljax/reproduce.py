@@ -2,7 +2,7 @@
 
 Two kinds of NAME:
 
-* a table of `kljax.repro` (`kl_estimators`, `mdvi`): toy problems whose outcomes can be enumerated.
+* a table of `kljax.repro` (`kl_estimators`, `mdvi`, `distill`): toy problems small enough to enumerate.
   The markdown table (`results.md`), the raw numbers (`results.json`), the exact settings
   (`config.json`) and PNG plots go to `DIR` (default `results/NAME`, `results/NAME_quick` with
   `--quick`). `--quick` is the reduced version CI runs (seconds); `--seeds` overrides the seed count.
