@@ -15,8 +15,15 @@ Args (comma-separated; add `smoke` for a few steps on a tiny local model, as the
              --config.task.reward="my_rewards.py:correct,0.1*format"
          (start GRPO from the SFT run instead with --config.init_from=runs/hf/sft)
 
+  reward_model  Bradley–Terry reward model (loop "reward_model") on rows {"prompt", "chosen", "rejected"}:
+         model.hf_path's trunk plus a new scalar head at the last token; metrics accuracy and margin.
+         python -m kljax.main --config=experiments/hf.py:reward_model --workdir=runs/hf/rm \\
+             --config.model.hf_path=/models/Qwen2.5-0.5B-Instruct \\
+             --config.task.train_files=data/prefs_train.jsonl --config.task.test_files=data/prefs_test.jsonl
+
 Data: rows with `question` and `answer` (GSM8K's layout: the answer is a worked solution ending in
-`#### 42`); other layouts via --config.task.prompt_key / answer_key / completion_key. Prompts go through
+`#### 42`); other layouts via --config.task.prompt_key / answer_key / completion_key; a prepared tfds
+dataset instead of files via --config.task.tfds_name=gsm8k/main (train_split, test_split). Prompts go through
 the tokenizer's chat template with a system prompt asking for the `#### <answer>` ending
 (--config.task.chat_template=False for base models). Export the trained policy with
 `python -m kljax.export runs/hf/grpo runs/hf/grpo_hf` (loads in transformers with its tokenizer).
@@ -41,6 +48,7 @@ def _task(smoke: bool) -> ml_collections.ConfigDict:
         answer_key="answer", completion_key="", chosen_key="", rejected_key="", chat_template=not smoke,
         system_prompt="" if smoke else SYSTEM_PROMPT, prompt_len=32 if smoke else 256,
         completion_len=16 if smoke else 512, too_long="drop", max_examples=0, tokenizer_path="",
+        tfds_name="", tfds_data_dir="", train_split="train", test_split="test",
         reward="math_answer, 0.1*format"))
 
 
@@ -93,7 +101,30 @@ def grpo_config(smoke: bool) -> ml_collections.ConfigDict:
     return c
 
 
-CONFIGS = {"sft": sft_config, "grpo": grpo_config}
+def reward_model_config(smoke: bool) -> ml_collections.ConfigDict:
+    """Bradley–Terry reward model on (prompt, chosen, rejected) rows: model.hf_path's trunk + a scalar head."""
+    c = base_config("reward_model")
+    _model(c, smoke)
+    c.model.value_head = "scalar"
+    c.task = _task(smoke)
+    c.task.prompt_key, c.task.answer_key = "prompt", ""
+    c.task.chosen_key, c.task.rejected_key = "chosen", "rejected"
+    c.task.reward = ""
+    c.task.chat_template, c.task.system_prompt = False, ""
+    c.reward_model = ml_collections.ConfigDict(dict(center_coef=0.0))
+    c.optim.learning_rate = 1e-5
+    c.optim.warmup_steps = 20
+    c.total_steps, c.batch_size = 1000, 64
+    c.eval_every, c.checkpoint.every = 250, 250
+    c.eval.num_examples, c.eval.batch_size = 512, 64
+    c.checkpoint.best_metric = "eval/accuracy"
+    if smoke:
+        _smoke(c)
+        c.optim.learning_rate = 3e-3
+    return c
+
+
+CONFIGS = {"sft": sft_config, "grpo": grpo_config, "reward_model": reward_model_config}
 
 
 def get_config(arg: str = "grpo") -> ml_collections.ConfigDict:

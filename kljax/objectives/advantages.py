@@ -95,6 +95,54 @@ def kl_penalized_returns(rewards, kl_per_token, mask, beta: float):
     return jax.lax.stop_gradient(jnp.where(mask > 0, rewards - beta * penalty, 0.0))
 
 
+def gae(token_rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
+    """Generalized advantage estimation GAE(γ, λ) (Schulman et al. 2016, arXiv 1506.02438).
+
+    On the right-padded completions of ``[B, T]`` arrays, with V(h_T) = 0 after the last real token:
+
+        δ_t = r_t + γ·m_{t+1}·V(h_{t+1}) − V(h_t),    A_t = δ_t + γλ·m_{t+1}·A_{t+1},
+
+    ``values[:, t]`` = V(h_t), the critic's value of the prefix *before* token t is chosen, and
+    ``token_rewards[:, t]`` the reward received for token t (e.g. the outcome on the last token minus
+    β·kl_t, InstructGPT's per-token KL penalty). Returns ``(advantages, returns)`` with
+    returns = A + V (the critic's regression target), both ``[B, T]``, stop-gradient, 0 where masked.
+    λ = 1 gives Σ_{s≥t} γ^{s−t} r_s − V(h_t) (Monte Carlo); λ = 0 gives the one-step TD residual δ_t.
+    """
+    ops.check_range("gamma", gamma, 0.0, 1.0)
+    ops.check_range("lam", lam, 0.0, 1.0)
+    ops.check_same_shape(token_rewards=token_rewards, values=values, mask=mask)
+    m = (jnp.asarray(mask) > 0).astype(jnp.result_type(token_rewards, values, float))
+    r = jax.lax.stop_gradient(jnp.where(m > 0, token_rewards, 0.0)).astype(m.dtype)
+    v = jax.lax.stop_gradient(jnp.where(m > 0, values, 0.0)).astype(m.dtype)
+    next_v = jnp.concatenate([v[:, 1:], jnp.zeros_like(v[:, :1])], axis=1)
+    next_m = jnp.concatenate([m[:, 1:], jnp.zeros_like(m[:, :1])], axis=1)
+    delta = (r + gamma * next_m * next_v - v) * m
+
+    def step(carry, xs):
+        d, nm = xs
+        a = d + gamma * lam * nm * carry
+        return a, a
+
+    _, adv = jax.lax.scan(step, jnp.zeros_like(delta[:, 0]), (delta.T, next_m.T), reverse=True)
+    adv = adv.T * m
+    return adv, (adv + v) * m
+
+
+def adaptive_kl_beta(beta, kl, target: float, horizon: float, n_steps: int):
+    """Adaptive KL coefficient of Ziegler et al. 2019 (arXiv 1909.08593, §2.2), a pure function.
+
+        e = clip(KL/target − 1, −0.2, 0.2),    β ← β·(1 + e·n_steps/horizon)
+
+    ``kl`` is the measured KL(π‖π_ref) of the last batch (nats per sequence), ``n_steps`` the number
+    of samples (or steps) it covered, ``target`` the wanted KL, ``horizon`` how many samples the
+    correction takes. Keeping β fixed is ``horizon = inf``.
+    """
+    ops.check_range("target", target, 0.0, low_open=True)
+    ops.check_range("horizon", horizon, 0.0, low_open=True)
+    err = jnp.clip(jnp.asarray(kl) / target - 1.0, -0.2, 0.2)
+    return beta * (1.0 + err * n_steps / horizon)
+
+
 def pmd_partition_baseline(rewards, group_size: int, tau: float):
     """PMD-partition: b_i = τ·log((1/(G−1)) Σ_{j≠i} exp(r_j/τ)), leave-one-out log-mean-exp.
 

@@ -425,6 +425,38 @@ def qsharp_histogram(critic_logits, tokens, returns, mask, atoms=None, projectio
 # KL to the previous policy: Munchausen and Mirror-Descent Value Iteration (discrete actions)
 # --------------------------------------------------------------------------------------------
 
+def clipped_value_loss(values, old_values, returns, mask, clip_eps: Optional[float] = 0.2,
+                       loss_agg: str = "token-mean"):
+    """PPO's clipped value loss (Schulman et al. 2017, arXiv 1707.06347; OpenAI baselines ``ppo2``).
+
+        V_clip = V_old + clip(V − V_old, −ε, ε),    L = ½·agg_t max((V_t − R_t)², (V_clip,t − R_t)²)
+
+    ``values`` V (the critic being trained, differentiable), ``old_values`` V_old (the critic that
+    produced the advantages) and ``returns`` R (e.g. ``advantages.gae``'s returns), all ``[B, T]``;
+    old values and returns are stop-gradient. ``clip_eps=None`` gives the plain ½·(V − R)².
+    Where the clipped branch is larger and V has left [V_old − ε, V_old + ε], the gradient is zero:
+    the critic moves at most ε from V_old per batch of updates. Returns ``(loss, metrics)`` with
+    ``value_loss``, ``value_clipfrac`` and ``value_mean``.
+    """
+    ops.check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
+    old_values = jax.lax.stop_gradient(old_values)
+    returns = jax.lax.stop_gradient(returns)
+    mask = jnp.asarray(mask).astype(values.dtype)
+    err = jnp.square(values - returns)
+    if clip_eps is None:
+        per_token, clipped = err, jnp.zeros_like(err)
+    else:
+        ops.check_range("clip_eps", clip_eps, 0.0, low_open=True)
+        v_clip = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
+        err_clip = jnp.square(v_clip - returns)
+        per_token = jnp.maximum(err, err_clip)
+        clipped = (err_clip > err).astype(values.dtype)
+    loss = 0.5 * ops.aggregate(per_token, mask, loss_agg)
+    metrics = {"value_loss": loss, "value_clipfrac": ops.masked_mean(clipped, mask),
+               "value_mean": ops.masked_mean(jax.lax.stop_gradient(values), mask)}
+    return loss, metrics
+
+
 def scaled_log_softmax(q, tau):
     """τ·log softmax(q/τ) = q − τ·logsumexp(q/τ): τ·log π for the Boltzmann policy of q."""
     _check_positive("tau", tau)

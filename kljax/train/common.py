@@ -59,6 +59,7 @@ LOOP_MODULES = {
     "qsharp": "kljax.train.qsharp",
     "preference": "kljax.train.preference",
     "pipeline": "kljax.train.pipeline",
+    "reward_model": "kljax.train.reward_model",
 }
 
 
@@ -69,6 +70,8 @@ LOOP_MODULES = {
 def task_kwargs(cfg: Any) -> dict:
     """Task parameters of `cfg.task` (everything but `name` and `data_dir`)."""
     kw = {k: v for k, v in cfg.task.items() if k not in ("name", "data_dir", "module")}
+    if str(kw.get("reward", "") or "").strip().startswith("model:"):  # a reward-model run, scored by the rl loop
+        kw.pop("reward")
     if cfg.task.get("name") == "files" and not kw.get("tokenizer_path"):  # the policy's own tokenizer
         kw["tokenizer_path"] = hf_path(cfg)
     return kw

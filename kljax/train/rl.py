@@ -28,6 +28,7 @@ optimizer updates (`optim.total_steps` defaults to that product for the schedule
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import inspect
 import time
@@ -127,6 +128,8 @@ def validate(cfg: Any, check_paths: bool = True) -> None:
         common.check_run_exists(cfg.init_from, "init_from")
         if r.get("teacher_from", ""):
             common.check_run_exists(r.teacher_from, "rl.teacher_from")
+    from kljax.train import reward_model
+    reward_model.check_model_reward(cfg, check_paths)
     if name == "kdrl" and not r.get("teacher_from", ""):
         raise ConfigError("objective 'kdrl' needs a teacher: set config field `rl.teacher_from` to a trained run's "
                           "workdir.")
@@ -295,6 +298,9 @@ def run(cfg: Any, workdir: str) -> dict:
                      top_p=float(r.get("top_p", 1.0)))
 
     reward_stats: dict = {}
+    from kljax.train import reward_model
+    rm_dir = reward_model.model_reward_workdir(cfg)
+    rm_score = reward_model.load_reward_fn(rm_dir, mesh) if rm_dir else None  # task.reward = "model:<workdir>"
     # Untempered, untruncated sampling draws from the policy itself: its log-probs are the old ones.
     sampler_is_policy = (r.get("old_logp", "auto") == "sampler" or
                          (r.get("old_logp", "auto") == "auto" and sample_kw == dict(temperature=1.0, top_k=0, top_p=1.0)))
@@ -304,25 +310,40 @@ def run(cfg: Any, workdir: str) -> dict:
     select_rows = jax.jit(lambda tree, idx: jax.tree.map(lambda v: v[idx], tree),
                           out_shardings=shd.batch_sharding(mesh))
 
-    def rollout(model, batch, key):
-        """Sample this process's groups under the mesh, score its own rows on the host, and return
-        global arrays (a group never straddles processes: its G copies are made here)."""
-        rep = _repeat(batch, G)
-        dev = shd.shard_batch({"prompt": rep["prompt"], "prompt_valid": rep["prompt_valid"]}, mesh)
-        out = generate(model, dev["prompt"], dev["prompt_valid"], key, n_new, task.eos_id, pad_id=task.pad_id,
-                       **sample_kw)
-        toks, mask = shd.local_rows(out.tokens, mesh), shd.local_rows(out.mask, mesh)
+    # Rewards (possibly slow Python) are scored on a thread while the device computes the log-probs.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kljax-reward")
+
+    def score(toks, mask, rep):
         t0 = time.perf_counter()
         rewards = np.asarray(task.reward(toks, mask, rep), np.float32)
         reward_stats["time/reward_s"] = reward_stats.get("time/reward_s", 0.0) + time.perf_counter() - t0
         reward_stats.update({k: v for k, v in getattr(task, "last_reward_metrics", {}).items()
                              if k.startswith("rewards/")})
+        return rewards
+
+    def rollout(model, batch, key, overlap=False):
+        """Sample this process's groups under the mesh, score its own rows on the host, and return
+        global arrays (a group never straddles processes: its G copies are made here). `overlap`: the
+        rewards are a future of this process's rows (see `step_fn`)."""
+        rep = _repeat(batch, G)
+        dev = shd.shard_batch({"prompt": rep["prompt"], "prompt_valid": rep["prompt_valid"]}, mesh)
+        out = generate(model, dev["prompt"], dev["prompt_valid"], key, n_new, task.eos_id, pad_id=task.pad_id,
+                       **sample_kw)
+        if rm_score is not None:  # a reward model: scored on the device, batch-sharded
+            t0 = time.perf_counter()
+            rewards = jax.block_until_ready(rm_score(dev["prompt"], dev["prompt_valid"], out.tokens, out.mask))
+            reward_stats["time/reward_s"] = reward_stats.get("time/reward_s", 0.0) + time.perf_counter() - t0
+            return {"sequences": out.sequences, "prompt_valid": dev["prompt_valid"], "mask": out.mask,
+                    "sampler_logp": out.logp, "rewards": rewards}
+        toks, mask = shd.local_rows(out.tokens, mesh), shd.local_rows(out.mask, mesh)
+        rewards = (pool.submit(score, toks, mask, rep) if overlap else
+                   shd.shard_batch({"r": score(toks, mask, rep)}, mesh)["r"])
         return {"sequences": out.sequences, "prompt_valid": dev["prompt_valid"], "mask": out.mask,
-                "sampler_logp": out.logp, "rewards": shd.shard_batch({"r": rewards}, mesh)["r"]}
+                "sampler_logp": out.logp, "rewards": rewards}
 
     def collect(model, key):
         """A full roll-out batch of `n_prompts` groups (DAPO: only groups with reward variance)."""
-        first = rollout(model, next(prompts), jax.random.fold_in(key, 0))
+        first = rollout(model, next(prompts), jax.random.fold_in(key, 0), overlap=not dynamic)
         if not dynamic:
             return first, {}
         # DAPO's group filtering runs on host arrays (validation keeps it to one process).
@@ -356,6 +377,13 @@ def run(cfg: Any, workdir: str) -> dict:
         if teacher is not None:
             full["teacher_logp"], _ = _model_logp(teacher[0], teacher[1], teacher[2], seq, valid, P, False, mb)
         rw = ro["rewards"]
+        if isinstance(rw, concurrent.futures.Future):  # scored while the passes above run on the device
+            t0 = time.perf_counter()
+            try:
+                rw = shd.shard_batch({"r": rw.result()}, mesh)["r"]
+            except RewardError as e:
+                raise e.at_step(step + 1) from e
+            reward_stats["time/reward_wait_s"] = time.perf_counter() - t0
         full["rewards"] = rw
         if adv_kind != "objective":  # every process computes the same advantages from the global rewards
             a = {"group_mean_std": lambda: adv_lib.group_normalized(rw, G),
@@ -389,9 +417,12 @@ def run(cfg: Any, workdir: str) -> dict:
             out["reference_reset"] = 1.0
         return RLState(train=train, ref_params=new_ref, step=st.step + 1), out
 
-    return common.run_loop(cfg, workdir, state=state, step_fn=step_fn, batches=_PromptIter(prompts),
-                           eval_fn=eval_fn,
-                           bar_keys=("reward", "kl", "entropy", "loss"), desc=f"rl {cfg.objective.name}")
+    try:
+        return common.run_loop(cfg, workdir, state=state, step_fn=step_fn, batches=_PromptIter(prompts),
+                               eval_fn=eval_fn,
+                               bar_keys=("reward", "kl", "entropy", "loss"), desc=f"rl {cfg.objective.name}")
+    finally:
+        pool.shutdown(wait=False)
 
 
 class _PromptIter:

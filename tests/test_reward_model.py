@@ -1,0 +1,182 @@
+"""Bradley–Terry reward model (`loop = "reward_model"`): the loss and its gradient, the scalar read at the
+last real token, and end to end through `kljax.main` on preference pairs from a JSONL with a tiny Qwen2."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import hf_fixtures as hfx
+from kljax.config import ConfigError
+from kljax.models import TransformerLM, lm_config, positions_from_valid
+from kljax.train import common
+from kljax.train import reward_model as rm
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HF = os.path.join(REPO, "experiments", "hf.py")
+
+
+def test_bradley_terry_loss_value_and_gradient(x64):
+    rc, rr = jnp.array([1.0, -0.5, 2.0]), jnp.array([0.0, 0.5, 2.5])
+    loss, m = rm.bradley_terry_loss(rc, rr)
+    d = np.array([1.0, -1.0, -0.5])
+    np.testing.assert_allclose(loss, np.mean(np.log1p(np.exp(-d))), atol=1e-12)   # −mean log σ(r_w − r_l)
+    np.testing.assert_allclose(m["accuracy"], 1 / 3)
+    np.testing.assert_allclose(m["margin"], d.mean(), atol=1e-12)
+    g_c, g_r = jax.grad(lambda a, b: rm.bradley_terry_loss(a, b)[0], argnums=(0, 1))(rc, rr)
+    sig = 1 / (1 + np.exp(d))                                                       # σ(−d)
+    np.testing.assert_allclose(g_c, -sig / 3, atol=1e-12)
+    np.testing.assert_allclose(g_r, sig / 3, atol=1e-12)
+    # the centering term adds 2c(r_w + r_l)/B to both gradients
+    g_c2, _ = jax.grad(lambda a, b: rm.bradley_terry_loss(a, b, center_coef=0.1)[0], argnums=(0, 1))(rc, rr)
+    np.testing.assert_allclose(g_c2, -sig / 3 + 0.2 * np.asarray(rc + rr) / 3, atol=1e-12)
+    # far-apart rewards stay finite
+    big, _ = rm.bradley_terry_loss(jnp.array([-1e4]), jnp.array([1e4]))
+    np.testing.assert_allclose(big, 2e4)
+
+
+def test_sequence_reward_reads_last_real_token():
+    model = TransformerLM(lm_config(vocab_size=11, width=16, depth=1, num_heads=2, max_len=10,
+                                    value_head="scalar"), rngs=nnx.Rngs(0))
+    prompt = jnp.array([[0, 3, 4, 5], [6, 7, 8, 9]])
+    prompt_valid = jnp.array([[0, 1, 1, 1], [1, 1, 1, 1]])
+    comp = jnp.array([[1, 2, 0, 0], [3, 4, 5, 2]])
+    comp_valid = jnp.array([[1, 1, 0, 0], [1, 1, 1, 1]])
+    score = nnx.jit(rm.sequence_rewards)  # one compiled call (eager op-by-op dispatch is slow here)
+    all_values = nnx.jit(lambda mdl, s, vd: mdl.values(mdl.hidden(s, positions_from_valid(vd), vd)))
+    r = score(model, prompt, prompt_valid, comp, comp_valid)
+    seq, valid = jnp.concatenate([prompt, comp], 1), jnp.concatenate([prompt_valid, comp_valid], 1)
+    v = np.asarray(all_values(model, seq, valid))
+    np.testing.assert_allclose(r, [v[0, 5], v[1, 7]], rtol=1e-6)
+    # tokens after the last real one (padding) change nothing
+    comp2 = comp.at[0, 2:].set(jnp.array([9, 9]))
+    np.testing.assert_allclose(score(model, prompt, prompt_valid, comp2, comp_valid), r, rtol=1e-6)
+    # an empty completion is scored at the prompt's last token
+    r0 = score(model, prompt, prompt_valid, comp, jnp.zeros_like(comp_valid))
+    v0 = np.asarray(all_values(model, prompt, prompt_valid))
+    np.testing.assert_allclose(r0, v0[:, 3], rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- end to end -----
+
+def pref_rows(n, seed):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        a, b = (int(x) for x in rng.integers(0, 50, 2))
+        right, wrong = a + b, a + b + int(rng.integers(1, 9))
+        out.append({"prompt": f"what is {a} plus {b}?", "chosen": f"{a} + {b} = {right}. #### {right}",
+                    "rejected": f"The number {wrong} is odd"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rm_user")
+    model = hfx.user_folder(root / "tiny-qwen2", "qwen2", vocab_size=320)
+    for split, n, seed in (("train", 32, 0), ("test", 8, 1)):
+        with open(root / f"{split}.jsonl", "w") as f:
+            for r in pref_rows(n, seed):
+                f.write(json.dumps(r) + "\n")
+    return dict(root=root, model=model, train=str(root / "train.jsonl"), test=str(root / "test.jsonl"),
+                data=str(root / "data"))
+
+
+def run_main(arg, workdir, user, *overrides):
+    """`python -m kljax.main --config=experiments/hf.py:<arg> ...` in this process (as tests/test_hf_e2e.py)."""
+    from absl import flags
+    from kljax import cli
+    from kljax import main as kmain
+    argv = ["kljax.main", f"--config={HF}:{arg}", f"--workdir={workdir}",
+            f"--config.model.hf_path={user['model']}", f"--config.task.train_files={user['train']}",
+            f"--config.task.test_files={user['test']}", f"--config.task.data_dir={user['data']}", *overrides]
+    rest, kmain._PLAN = cli.preflight(argv, kmain.DEFAULT_CONFIG)
+    try:
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(rest)
+        kmain.main(rest[:1])
+    finally:
+        kmain._PLAN = None
+        flags.FLAGS.unparse_flags()
+
+
+@pytest.fixture(scope="module")
+def rm_run(user):
+    wd = str(user["root"] / "rm")
+    run_main("reward_model,smoke", wd, user, "--config.total_steps=6", "--config.checkpoint.every=3")
+    return wd
+
+
+@pytest.mark.slow
+def test_reward_model_smoke_through_main_learns_pairs(rm_run, user):
+    wd = rm_run
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        m = [json.loads(line) for line in f]
+    train = [r for r in m if "accuracy" in r]
+    assert len(train) == 6
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["margin"]) for r in train)
+    # the chosen answers and rejected sentences differ in kind: the model separates them
+    assert np.mean([r["loss"] for r in train[-2:]]) < np.mean([r["loss"] for r in train[:2]])
+    ev = json.load(open(os.path.join(wd, "eval.json")))
+    assert ev["step"] == 6 and ev["eval/accuracy"] >= 0.75 and ev["eval/margin"] > 0
+    # the trained workdir loads as a reward function and scores the held-out pairs as the run's eval did
+    from kljax.train import sharding as shd
+    mesh = shd.make_mesh({"data": -1})
+    cfg = common.read_config(wd)
+    rec = common.test_records(cfg, common.build_task(cfg), "test")
+    score = rm.load_reward_fn(wd, mesh)
+    rc = np.asarray(score(rec["prompt"], rec["prompt_valid"], rec["chosen"], rec["chosen_valid"]))
+    rr = np.asarray(score(rec["prompt"], rec["prompt_valid"], rec["rejected"], rec["rejected_valid"]))
+    np.testing.assert_allclose(np.mean(rc - rr), ev["eval/margin"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.mean(rc > rr), ev["eval/accuracy"])
+
+
+@pytest.mark.slow
+def test_grpo_with_model_reward(rm_run, user):
+    """`task.reward = "model:<workdir>"`: the rl loop scores roll-outs with the trained reward model."""
+    wd = str(user["root"] / "grpo_rm")
+    run_main("grpo,smoke", wd, user, f"--config.task.reward=model:{rm_run}", "--config.task.prompt_key=prompt",
+             "--config.task.answer_key=")
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        m = [json.loads(line) for line in f if '"reward"' in line]
+    assert len(m) == 2
+    for r in m:
+        assert np.isfinite(r["reward"]) and np.isfinite(r["loss"]) and r["time/reward_s"] >= 0
+        # the reward model's real-valued scores, not the task's 0/1 exact match (a mean of 8 rows in k/8)
+        assert r["reward_std"] > 0 and abs(r["reward"] * 8 - round(r["reward"] * 8)) > 1e-4
+
+
+def test_model_reward_config_errors(rm_run, user, tmp_path):
+    cfg = common.load_config_file(f"{HF}:grpo,smoke")
+    with cfg.unlocked():
+        cfg.model.hf_path = user["model"]
+        cfg.task.train_files, cfg.task.test_files = user["train"], user["test"]
+        cfg.task.data_dir, cfg.task.prompt_key, cfg.task.answer_key = user["data"], "prompt", ""
+        cfg.task.reward = f"model:{rm_run}"
+    common.validate(cfg)
+    with cfg.unlocked():
+        cfg.task.reward = f"model:{tmp_path / 'nope'}"
+    with pytest.raises(ConfigError, match="task.reward"):
+        common.validate(cfg)
+
+
+def test_reward_model_config_errors(user, tmp_path):
+    cfg = common.load_config_file(f"{HF}:reward_model,smoke")
+    with cfg.unlocked():
+        cfg.model.hf_path = user["model"]
+        cfg.task.train_files, cfg.task.test_files = user["train"], user["test"]
+        cfg.task.data_dir = user["data"]
+    common.validate(cfg)
+    bad = cfg.copy_and_resolve_references()
+    with bad.unlocked():
+        bad.model.value_head = "none"
+    with pytest.raises(ConfigError, match="model.value_head"):
+        common.validate(bad)
+    bad = cfg.copy_and_resolve_references()
+    with bad.unlocked():
+        bad.task.chosen_key, bad.task.rejected_key = "", ""
+    with pytest.raises(ConfigError, match="task.name"):
+        common.validate(bad)
