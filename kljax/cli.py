@@ -459,6 +459,7 @@ FIELD_DOCS: dict[str, str] = {
     "rl.dynamic_sampling": "DAPO: drop groups with equal rewards and resample",
     "rl.max_sampling_rounds": "DAPO: most sampling rounds per roll-out",
     "rl.teacher_from": "workdir of a teacher run (KDRL)",
+    "rl.vocab_tile": "update log-probs/entropy by vocabulary tiles from hidden states: tile size, 0 = dense logits, -1 = auto (8192 when V >= 32768 and the objective needs no full logits)",
     "distill": "knowledge distillation (kljax/train/distill.py)",
     "distill.teacher_from": "teacher workdir, or 'source' (synthetic_lm's exact distribution)",
     "distill.teacher_hf_path": "instead of teacher_from: a Hugging Face teacher folder sharing the student's tokenizer",

@@ -313,6 +313,14 @@ def completion_logp(model: nnx.Module, sequences, valid, prompt_len: int):
     return ops.token_logprobs(logits, sequences[:, prompt_len:]), logits
 
 
+def completion_logp_entropy_tiled(model: nnx.Module, sequences, valid, prompt_len: int, chunk_size: int):
+    """(logp [B, N], entropy [B, N]) of the completion from the final hidden states, by vocabulary tiles
+    (`ops.token_logprobs_and_entropy_from_hidden`): the `[B, N, V]` logits never exist whole."""
+    h = model.hidden(sequences, positions=positions_from_valid(valid), valid=valid)[:, prompt_len - 1:-1]
+    return ops.token_logprobs_and_entropy_from_hidden(h, model.unembedding(), sequences[:, prompt_len:], 1.0,
+                                                      chunk_size)
+
+
 def model_logits(model: nnx.Module, sequences, valid, prompt_len: int) -> jax.Array:
     """Jitted `completion_logits` for an NNX model (compiled once per model structure and shape)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

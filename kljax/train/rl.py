@@ -205,13 +205,44 @@ def fill_groups(first: dict, more, n_groups: int, group_size: int) -> tuple[dict
                    "dynamic_sampling/frac_kept": min(len(keep), n_groups) / n_groups}
 
 
+VOCAB_TILE_AUTO = (32768, 8192)  # rl.vocab_tile = -1: tiles of 8192 columns when V >= 32768
+
+
+def update_vocab_tile(cfg: Any, kw: dict, model: Any) -> int:
+    """Vocabulary tile of the update's log-prob/entropy pass (0: dense `[B, N, V]` logits).
+
+    `rl.vocab_tile` > 0 asks for that tile, 0 for dense logits, -1 (default) for 8192-column tiles when
+    the vocabulary has at least 32768 entries. Objectives that read full logits (`kl_estimator='exact'`,
+    `entropy_coef` > 0) and models without `hidden`/`unembedding` always use dense logits; asking for
+    tiles with them is an error.
+    """
+    tile = int(cfg.rl.get("vocab_tile", -1))
+    needs_logits = kw.get("kl_estimator") == "exact" or float(kw.get("entropy_coef", 0) or 0) > 0
+    tileable = hasattr(model, "hidden") and hasattr(model, "unembedding")
+    if tile > 0 and (needs_logits or not tileable):
+        why = "the objective reads full logits (kl_estimator='exact' or entropy_coef > 0)" if needs_logits \
+            else f"{type(model).__name__} has no hidden()/unembedding()"
+        raise ValueError(f"rl.vocab_tile={tile} but {why}; set rl.vocab_tile=0 (dense logits)")
+    if tile < 0:
+        tile = VOCAB_TILE_AUTO[1] if tileable and not needs_logits and \
+            model.unembedding().shape[1] >= VOCAB_TILE_AUTO[0] else 0
+    return tile
+
+
 def make_rl_loss(cfg: Any, prompt_len: int, group_size: int):
     """`loss_fn(model, batch, rng)` running the configured policy objective on one minibatch."""
     fn, kw = _objective_kwargs(cfg, group_size)
 
     def loss_fn(model, batch, rng):
         del rng
-        logp, logits = common.completion_logp(model, batch["sequences"], batch["valid"], prompt_len)
+        tile = update_vocab_tile(cfg, kw, model)  # a Python int at trace time
+        if tile:
+            logp, ent = common.completion_logp_entropy_tiled(model, batch["sequences"], batch["valid"],
+                                                             prompt_len, tile)
+            logits = None
+        else:
+            logp, logits = common.completion_logp(model, batch["sequences"], batch["valid"], prompt_len)
+            ent = None
         ob = {"logp": logp, "logits": logits, "old_logp": batch["old_logp"], "ref_logp": batch["ref_logp"],
               "mask": batch["mask"]}
         for k in ("rewards", "advantages", "ref_logits", "teacher_logp"):
@@ -219,7 +250,8 @@ def make_rl_loss(cfg: Any, prompt_len: int, group_size: int):
                 ob[k] = batch[k]
         loss, m = fn(ob, **kw)
         m = dict(m)
-        m.setdefault("entropy", ops.masked_mean(jax.lax.stop_gradient(ops.entropy(logits)), batch["mask"]))
+        ent = ops.entropy(logits) if ent is None else ent
+        m.setdefault("entropy", ops.masked_mean(jax.lax.stop_gradient(ent), batch["mask"]))
         return loss, m
     return loss_fn
 
