@@ -180,6 +180,26 @@ def test_main_sft_and_grpo_on_two_processes_match_one_process(tmp_path):
         np.testing.assert_allclose(e2[k], e1[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_main_on_policy_distillation_on_two_processes_matches_one_process(tmp_path):
+    """GKD with λ = 1: every batch is the student's own samples, scored by the teacher. Each process
+    samples its own prompts under the mesh; losses, KLs and the final evaluation equal one process's."""
+    env = dict(os.environ, XLA_FLAGS="", KLJAX_DATA_DIR=str(tmp_path / "data"))
+    args = ["--config=experiments/distill.py:fkl,onpolicy,smoke"]
+    _main([*args, f"--workdir={tmp_path / 'one'}"], env)
+    _main([*args, f"--workdir={tmp_path / 'two'}"], env, launcher=True)
+    for key in ("loss", "kl", "data/student_frac"):
+        a, b = _metric(tmp_path / "one", key), _metric(tmp_path / "two", key)
+        assert a.keys() == b.keys() and len(a) >= 2, key
+        np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)], rtol=2e-5, atol=1e-6,
+                                   err_msg=key)
+    assert set(_metric(tmp_path / "one", "data/student_frac").values()) == {1.0}
+    e1, e2 = (json.load(open(tmp_path / d / "eval.json")) for d in ("one", "two"))
+    for k in ("eval/fkl", "eval/rkl", "eval/source_fkl"):
+        np.testing.assert_allclose(e2[k], e1[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
 _LOSE_A_PROCESS = """
 import os, signal, time
 from jax.experimental import multihost_utils
@@ -210,18 +230,22 @@ def test_a_single_process_loop_is_refused_on_several_processes(monkeypatch):
     from kljax.config import ConfigError
     from kljax.train import common
 
-    cfg = common.load_config_file(os.path.join(REPO, "experiments", "distill.py") + ":fkl,smoke")
+    cfg = common.load_config_file(os.path.join(REPO, "experiments", "star_graph_qsharp.py") + ":qsharp,smoke")
+    cfg.init_from = str(REPO)  # any path: paths are not checked here
     common.validate(cfg, check_paths=False)  # valid in one process
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    with pytest.raises(ConfigError, match=r"`loop` = 'distill' runs in one process only.*2 processes.*--host_devices"):
+    with pytest.raises(ConfigError, match=r"`loop` = 'qsharp' runs in one process only.*2 processes.*--host_devices"):
         common.validate(cfg, check_paths=False)
+    replay = common.load_config_file(os.path.join(REPO, "experiments", "distill.py") + ":fkl,adaptive,smoke")
+    with pytest.raises(ConfigError, match=r"`distill.data` = 'adaptive'.*one process only"):
+        common.validate(replay, check_paths=False)
     dapo = common.load_config_file(os.path.join(REPO, "experiments", "arithmetic.py") + ":dapo,smoke")
     dapo.init_from = str(REPO)  # any path: paths are not checked here
     with pytest.raises(ConfigError, match=r"`rl.dynamic_sampling` = True runs in one process only"):
         common.validate(dapo, check_paths=False)
-    for arg in ("pretrain,smoke", "grpo,smoke"):  # SFT and (non-DAPO) RL run on several processes
-        ok = common.load_config_file(os.path.join(REPO, "experiments", "arithmetic.py") + ":" + arg)
-        ok.init_from = str(REPO)
+    for spec in ("arithmetic.py:pretrain,smoke", "arithmetic.py:grpo,smoke", "distill.py:fkl,onpolicy,smoke"):
+        ok = common.load_config_file(os.path.join(REPO, "experiments", spec))  # SFT, RL, GKD: several processes
+        ok.init_from = str(REPO) if ok.loop == "rl" else ok.init_from
         common.validate(ok, check_paths=False)
 
 

@@ -201,7 +201,11 @@ def validate(cfg, check_paths: bool = True) -> None:
     if name == "minillm":
         raise ConfigError("config field `objective.name` = 'minillm' needs policy-gradient rollouts; use loop 'rl' "
                           "with `rl.teacher_from`, or a divergence objective (fkl, rkl, jsd, ...) here.")
+    several = jax.process_count() > 1
     if cfg.task.name == "digits":
+        if several:
+            raise ConfigError(f"config field `task.name` = 'digits': classifier KD runs in one process only, and "
+                              f"this run has {jax.process_count()} processes; run it as one process.")
         require(cfg, "distill.teacher_model", lambda v: "num_classes" in v,
                 "digits KD needs `distill.teacher_model = classifier_config(...)` for the teacher.")
         return
@@ -221,6 +225,10 @@ def validate(cfg, check_paths: bool = True) -> None:
             common.check_run_exists(teacher, "distill.teacher_from")
     if data == "student":
         require(cfg, "distill.lam", lambda v: 0.0 <= v <= 1.0, "GKD's λ is a probability in [0, 1].")
+    if data == "adaptive" and several:
+        raise ConfigError(f"config field `distill.data` = 'adaptive' (DistiLLM's replay buffer, checkpointed by "
+                          f"process 0 only) runs in one process only, and this run has {jax.process_count()} "
+                          "processes; use 'student' (GKD) or run one process.")
     if data == "adaptive":
         require(cfg, "distill.phi", lambda v: 0.0 <= v <= 1.0, "DistiLLM's φ is a probability in [0, 1].")
         require(cfg, "distill.replay_size", lambda v: v >= cfg.batch_size,
@@ -297,15 +305,19 @@ class _Teacher:
             self.vocab = aligned_vocab_size(self.model.vocab_size, mc.vocab_size, task.vocab_size)
         except ValueError as e:
             raise ConfigError(f"config field `distill.teacher_hf_path` = {path!r}: {e}") from None
-        graphdef, st = nnx.split(self.model)
+        graphdef, params, rest = state_lib.shard_model(self.model, mesh or common.build_mesh(cfg))
         n = self.vocab
-        fwd = jax.jit(lambda st, t, p, v: nnx.merge(graphdef, st)(t, positions=p, valid=v)[..., :n])
-        self._fwd = lambda t, p, v: fwd(st, t, p, v)
+        fwd = jax.jit(lambda params, rest, t, p, v: nnx.merge(graphdef, params, rest)(t, positions=p, valid=v)[..., :n])
+        self._fwd = lambda t, p, v: fwd(params, rest, t, p, v)
 
     def logits(self, b: dict) -> np.ndarray:
-        if self.model is None:
-            return self.task.true_logprobs(b["tokens"], smoothing=self.smoothing)
-        return np.asarray(self._fwd(b["tokens"], b["positions"], b["valid"]))
+        """Host log-probs of the 'source' teacher (synthetic_lm's true distribution) for numpy rows."""
+        return self.task.true_logprobs(b["tokens"], smoothing=self.smoothing)
+
+    def device_logits(self, b: dict) -> jax.Array:
+        """A teacher model's float32 logits `[B, T, V]` for a batch of arrays on the mesh (the batch's
+        sharding carries over: each device computes its own rows)."""
+        return self._fwd(b["tokens"], b["positions"], b["valid"]).astype(jnp.float32)
 
 
 def _source_sample(task, prompts, n, key):
@@ -384,9 +396,11 @@ class _DistillData:
         if which == "teacher" and self.teacher.model is None:
             return _source_sample(self.task, prompts, n, key)
         model = student if which == "student" else self.teacher.model
-        out = generate(model, prompts, pv, key, n, self.task.eos_id, temperature=self.temperature,
+        # This process's prompts, sampled under the mesh; the completions come back as its own rows.
+        dev = sharding.shard_batch({"p": np.asarray(prompts), "v": np.asarray(pv)}, self.mesh)
+        out = generate(model, dev["p"], dev["v"], key, n, self.task.eos_id, temperature=self.temperature,
                        pad_id=self.task.pad_id)
-        return np.asarray(out.tokens), np.asarray(out.mask)
+        return sharding.local_rows(out.tokens, self.mesh), sharding.local_rows(out.mask, self.mesh)
 
     def batch(self, step: int, student, raw: dict) -> tuple[dict, str]:
         k_choice, k_gen = jax.random.split(jax.random.fold_in(self.key, step))
@@ -404,8 +418,12 @@ class _DistillData:
                 self.replay.extend(zip(comp, cv))
                 del self.replay[:max(0, len(self.replay) - self.replay_size)]
         b = sequence_batch(raw["prompt"], raw["prompt_valid"], comp, cv)
-        b["teacher_logits"] = self.teacher.logits(b).astype(np.float32)
-        return sharding.shard_batch(b, self.mesh), which
+        if self.teacher.model is None:
+            b["teacher_logits"] = self.teacher.logits(b).astype(np.float32)
+            return sharding.shard_batch(b, self.mesh), which
+        dev = sharding.shard_batch(b, self.mesh)
+        dev["teacher_logits"] = self.teacher.device_logits(dev)  # never through the host
+        return dev, which
 
 
 def make_lm_kl_eval(cfg, task, teacher, mesh):
@@ -413,9 +431,12 @@ def make_lm_kl_eval(cfg, task, teacher, mesh):
     sequences, plus generation metrics of the student (`common.evaluate_generation`)."""
     from kljax.train import common
     test = common.test_records(cfg, task)
-    b = sequence_batch(test["prompt"], test["prompt_valid"], test["target"], test["target_valid"])
-    t_logits = teacher.logits(b)
-    true = task.true_logprobs(b["tokens"]) if task.name == "synthetic_lm" else None
+    host = sequence_batch(test["prompt"], test["prompt_valid"], test["target"], test["target_valid"])
+    # Every process holds the whole (small) test set: replicate it on the mesh.
+    put = functools.partial(jax.device_put, device=sharding.replicated(mesh))
+    b = {k: put(np.asarray(v)) for k, v in host.items()}
+    t_logits = put(teacher.logits(host)) if teacher.model is None else teacher.device_logits(b)
+    true = put(task.true_logprobs(host["tokens"])) if task.name == "synthetic_lm" else None
 
     @functools.partial(jax.jit, static_argnums=0)
     def kl(graphdef, st, tokens, positions, valid, target, mask):
