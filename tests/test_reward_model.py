@@ -180,3 +180,40 @@ def test_reward_model_config_errors(user, tmp_path):
         bad.task.chosen_key, bad.task.rejected_key = "", ""
     with pytest.raises(ConfigError, match="task.name"):
         common.validate(bad)
+
+
+# ------------------------------------------------------------------ PPO with a critic -----
+
+def test_ppo_token_rewards_match_kl_penalized_returns():
+    """rl.advantage='gae' at γ = λ = 1, V = 0: A_t = R − β Σ_{s≥t} k1_s, InstructGPT's KL-penalized return
+    (`advantages.kl_penalized_returns`, computed independently)."""
+    from kljax.objectives import advantages as A
+    from kljax.train import rl
+    rng = np.random.default_rng(0)
+    old, ref = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+    mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    rw = jnp.array([1.0, -0.5, 2.0])
+    adv, ret, kl = rl._gae_batch(rw, old, ref, jnp.zeros((3, 4)), mask, 0.3, 1.0, 1.0, False)
+    want = A.kl_penalized_returns(rw, old - ref, mask.astype(jnp.float32), 0.3)
+    np.testing.assert_allclose(adv, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ret, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(kl, np.mean(np.sum(np.asarray(old - ref) * np.asarray(mask), -1)), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_ppo_with_critic_against_reward_model(rm_run, user):
+    """experiments/hf.py:ppo,smoke through kljax.main: critic losses logged, β follows Ziegler's rule."""
+    wd = str(user["root"] / "ppo_rm")
+    run_main("ppo,smoke", wd, user, f"--config.task.reward=model:{rm_run}", "--config.task.prompt_key=prompt",
+             "--config.task.answer_key=")
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        m = [json.loads(line) for line in f if '"value_loss"' in line]
+    assert len(m) == 2
+    for r in m:
+        for k in ("loss", "value_loss", "value_clipfrac", "objective/kl", "reward"):
+            assert np.isfinite(r[k]), k
+    # β_2 = β_1·(1 + clip(KL_1/target − 1, ±0.2)·rows/horizon), rows = 8, target 6, horizon 100
+    b1, kl1 = m[0]["kl_coef"], m[0]["objective/kl"]
+    np.testing.assert_allclose(m[0]["kl_coef"], 0.05, rtol=1e-6)
+    np.testing.assert_allclose(m[1]["kl_coef"], b1 * (1 + np.clip(kl1 / 6.0 - 1, -0.2, 0.2) * 8 / 100), rtol=1e-5)
+    assert json.load(open(os.path.join(wd, "eval.json")))["step"] == 2
