@@ -217,3 +217,23 @@ def test_ppo_with_critic_against_reward_model(rm_run, user):
     np.testing.assert_allclose(m[0]["kl_coef"], 0.05, rtol=1e-6)
     np.testing.assert_allclose(m[1]["kl_coef"], b1 * (1 + np.clip(kl1 / 6.0 - 1, -0.2, 0.2) * 8 / 100), rtol=1e-5)
     assert json.load(open(os.path.join(wd, "eval.json")))["step"] == 2
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("model.value_head", "none", "model.value_head"),
+    ("objective.beta", 0.1, "objective.beta"),
+    ("rl.lam", 1.5, "rl.lam"),
+    ("rl.kl_horizon", 0.0, "rl.kl_horizon"),
+])
+def test_gae_config_errors_name_the_field(user, field, value, needle):
+    cfg = common.load_config_file(f"{HF}:ppo,smoke")
+    with cfg.unlocked():
+        cfg.model.hf_path = user["model"]
+        cfg.task.train_files, cfg.task.test_files = user["train"], user["test"]
+        cfg.task.data_dir, cfg.task.prompt_key, cfg.task.answer_key = user["data"], "prompt", ""
+    common.validate(cfg)
+    node, *path = field.split(".")
+    with cfg.unlocked():
+        cfg[node][path[0]] = value
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        common.validate(cfg)
