@@ -28,7 +28,8 @@ Args (comma-separated; add `smoke` for a few steps on a tiny local model, as the
              --config.task.train_files=data/prompts.jsonl --config.task.test_files=data/prompts_test.jsonl
 
 Data: rows with `question` and `answer` (GSM8K's layout: the answer is a worked solution ending in
-`#### 42`); other layouts via --config.task.prompt_key / answer_key / completion_key. Prompts go through
+`#### 42`); other layouts via --config.task.prompt_key / answer_key / completion_key; a prepared tfds
+dataset instead of files via --config.task.tfds_name=gsm8k/main (train_split, test_split). Prompts go through
 the tokenizer's chat template with a system prompt asking for the `#### <answer>` ending
 (--config.task.chat_template=False for base models). Export the trained policy with
 `python -m kljax.export runs/hf/grpo runs/hf/grpo_hf` (loads in transformers with its tokenizer).
@@ -53,6 +54,7 @@ def _task(smoke: bool) -> ml_collections.ConfigDict:
         answer_key="answer", completion_key="", chosen_key="", rejected_key="", chat_template=not smoke,
         system_prompt="" if smoke else SYSTEM_PROMPT, prompt_len=32 if smoke else 256,
         completion_len=16 if smoke else 512, too_long="drop", max_examples=0, tokenizer_path="",
+        tfds_name="", tfds_data_dir="", train_split="train", test_split="test",
         reward="math_answer, 0.1*format"))
 
 

@@ -384,6 +384,10 @@ FIELD_DOCS: dict[str, str] = {
     "task": "the task (dataset + reward); task.name picks it, the other fields are its parameters",
     "task.name": "registered task name (star_graph, arithmetic, synthetic_lm, digits, files, ...)",
     "task.data_dir": "where the task's generated/tokenized data is cached ('' = $KLJAX_DATA_DIR or ~/.cache/kljax/data)",
+    "task.module": "user module(s) imported before the task is built (pkg.module or path/file.py; they call "
+                   "kljax.tasks.register)",
+    "task.reward": "files task: reward terms '[w*]file.py:fn, [w*]pkg.module:fn, math_answer, format, length_penalty' "
+                   "(TRL's fn(prompts, completions, **columns) contract)",
     "model": "decoder-only transformer (kljax.models.lm_config) or classifier",
     "model.vocab_size": "vocabulary size; 0 = the task's",
     "model.max_len": "longest sequence; 0 = task prompt + completion length",
@@ -399,6 +403,8 @@ FIELD_DOCS: dict[str, str] = {
     "model.qkv_bias": "bias on the q/k/v projections (Qwen2 style)",
     "model.dtype": "compute dtype",
     "model.param_dtype": "parameter dtype",
+    "model.hf_path": "local Hugging Face folder (config.json, *.safetensors, tokenizer files): the model's architecture, "
+                     "weights and tokenizer; then only dtype, param_dtype, value_head, num_atoms, max_len apply",
     "model.value_head": "'none' | 'token' (per-next-token critic, Q♯) | 'scalar'",
     "model.num_atoms": "critic outputs per token (histogram atoms; 1 = Bernoulli)",
     "model.value_init_std": "init std of the value head; None = init_std",
@@ -455,6 +461,7 @@ FIELD_DOCS: dict[str, str] = {
     "rl.teacher_from": "workdir of a teacher run (KDRL)",
     "distill": "knowledge distillation (kljax/train/distill.py)",
     "distill.teacher_from": "teacher workdir, or 'source' (synthetic_lm's exact distribution)",
+    "distill.teacher_hf_path": "instead of teacher_from: a Hugging Face teacher folder sharing the student's tokenizer",
     "distill.teacher_smoothing": "mix of the uniform distribution into the 'source' teacher",
     "distill.data": "dataset | student (GKD) | onpolicy | teacher (sequence KD) | adaptive (DistiLLM)",
     "distill.lam": "GKD: probability of student-generated data",

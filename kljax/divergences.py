@@ -103,6 +103,11 @@ def generalized_jsd(target, model, beta: float = 0.5, temperature: float = 1.0):
     """
     ops.check_range("beta", beta, 0.0, 1.0)
     logp, logq = _log_probs(target, model, temperature)
+    return _jsd_logp(logp, logq, beta)
+
+
+def _jsd_logp(logp, logq, beta):
+    """JSD(β) from log-probabilities (a sum over the last axis: additive over vocabulary tiles)."""
     if _is_python_number(beta) and beta in (0.0, 1.0):
         return jnp.zeros(logp.shape[:-1], logp.dtype)
     logm = _log_mix(logp, logq, beta)
@@ -121,6 +126,10 @@ def skew_kl(target, model, alpha: float = 0.1, temperature: float = 1.0):
     """
     ops.check_range("alpha", alpha, 0.0, 1.0)
     logp, logq = _log_probs(target, model, temperature)
+    return _skew_kl_logp(logp, logq, alpha)
+
+
+def _skew_kl_logp(logp, logq, alpha):
     return _kl_logp(logp, _log_mix(logp, logq, alpha))
 
 
@@ -132,13 +141,82 @@ def skew_reverse_kl(target, model, alpha: float = 0.1, temperature: float = 1.0)
     """
     ops.check_range("alpha", alpha, 0.0, 1.0)
     logp, logq = _log_probs(target, model, temperature)
-    return _kl_logp(logq, _log_mix(logq, logp, alpha))
+    return _skew_kl_logp(logq, logp, alpha)
 
 
 def total_variation(target, model, temperature: float = 1.0):
     """Total variation ½ Σ_v |p_v − q_v| ∈ [0, 1] (DistiLLM ``tv_distance``); symmetric."""
     logp, logq = _log_probs(target, model, temperature)
+    return _total_variation_logp(logp, logq)
+
+
+def _total_variation_logp(logp, logq):
     return 0.5 * jnp.sum(jnp.abs(jnp.exp(logp) - jnp.exp(logq)), axis=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# The same divergences from hidden states, streamed over vocabulary tiles (large vocabularies)
+# --------------------------------------------------------------------------------------------
+#
+# Each takes the teacher's (target's) final hidden states ``[..., D]`` and unembedding ``[D, V]``,
+# then the student's (model's), an optional ``mask [...]``, ``temperature`` τ (dividing both sets of
+# logits) and ``chunk_size``; it returns the same value as the dense function applied to
+# ``hidden @ unembedding`` (0 where ``mask`` is 0) without ever holding ``[tokens, V]`` logits:
+# every divergence here is a sum over the vocabulary of a term in (log p_v, log q_v), so
+# ``ops.divergence_from_hidden`` streams the tiles once for both logsumexps and once for the sum,
+# and its custom backward pass recomputes each tile. The teacher gets no gradient.
+# β, α are Python numbers.
+
+def forward_kl_from_hidden(target_hidden, target_unembedding, model_hidden, model_unembedding, mask=None,
+                           temperature: float = 1.0, chunk_size: int = 8192):
+    """``forward_kl`` = KL(P‖Q) = Σ_v p_v (log p_v − log q_v), from hidden states by vocabulary tiles."""
+    return ops.divergence_from_hidden(_kl_logp, target_hidden, target_unembedding, model_hidden,
+                                      model_unembedding, mask, temperature, chunk_size)
+
+
+def reverse_kl_from_hidden(target_hidden, target_unembedding, model_hidden, model_unembedding, mask=None,
+                           temperature: float = 1.0, chunk_size: int = 8192):
+    """``reverse_kl`` = KL(Q‖P) = Σ_v q_v (log q_v − log p_v), from hidden states by vocabulary tiles."""
+    return ops.divergence_from_hidden(lambda lp, lq: _kl_logp(lq, lp), target_hidden, target_unembedding,
+                                      model_hidden, model_unembedding, mask, temperature, chunk_size)
+
+
+def generalized_jsd_from_hidden(target_hidden, target_unembedding, model_hidden, model_unembedding, mask=None,
+                                beta: float = 0.5, temperature: float = 1.0, chunk_size: int = 8192):
+    """``generalized_jsd``: JSD(β) = β·KL(P‖M) + (1−β)·KL(Q‖M), M = βP + (1−β)Q, by vocabulary tiles.
+
+    log M_v = logaddexp(log β + log p_v, log(1−β) + log q_v) per entry, so each tile's terms need
+    only that tile's normalized log-probabilities.
+    """
+    ops.check_range("beta", beta, 0.0, 1.0)
+    return ops.divergence_from_hidden(lambda lp, lq: _jsd_logp(lp, lq, beta), target_hidden,
+                                      target_unembedding, model_hidden, model_unembedding, mask,
+                                      temperature, chunk_size)
+
+
+def skew_kl_from_hidden(target_hidden, target_unembedding, model_hidden, model_unembedding, mask=None,
+                        alpha: float = 0.1, temperature: float = 1.0, chunk_size: int = 8192):
+    """``skew_kl`` = KL(P ‖ αP + (1−α)Q), from hidden states by vocabulary tiles."""
+    ops.check_range("alpha", alpha, 0.0, 1.0)
+    return ops.divergence_from_hidden(lambda lp, lq: _skew_kl_logp(lp, lq, alpha), target_hidden,
+                                      target_unembedding, model_hidden, model_unembedding, mask,
+                                      temperature, chunk_size)
+
+
+def skew_reverse_kl_from_hidden(target_hidden, target_unembedding, model_hidden, model_unembedding, mask=None,
+                                alpha: float = 0.1, temperature: float = 1.0, chunk_size: int = 8192):
+    """``skew_reverse_kl`` = KL(Q ‖ αQ + (1−α)P), from hidden states by vocabulary tiles."""
+    ops.check_range("alpha", alpha, 0.0, 1.0)
+    return ops.divergence_from_hidden(lambda lp, lq: _skew_kl_logp(lq, lp, alpha), target_hidden,
+                                      target_unembedding, model_hidden, model_unembedding, mask,
+                                      temperature, chunk_size)
+
+
+def total_variation_from_hidden(target_hidden, target_unembedding, model_hidden, model_unembedding, mask=None,
+                                temperature: float = 1.0, chunk_size: int = 8192):
+    """``total_variation`` = ½ Σ_v |p_v − q_v|, from hidden states by vocabulary tiles."""
+    return ops.divergence_from_hidden(_total_variation_logp, target_hidden, target_unembedding, model_hidden,
+                                      model_unembedding, mask, temperature, chunk_size)
 
 
 # --------------------------------------------------------------------------------------------

@@ -131,6 +131,8 @@ def run(argv=None):
     """Entry point: argv checks (`kljax.cli.preflight`), then absl parses the flags and calls `main`."""
     global _PLAN
     from kljax import cli
+    from kljax.train import sharding
+    sharding.skip_absent_tpu()
     argv = list(sys.argv if argv is None else argv)
     try:
         argv, _PLAN = cli.preflight(argv, DEFAULT_CONFIG)

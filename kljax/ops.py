@@ -5,6 +5,7 @@ per-token arrays ``[B, T]``, ``mask`` ``[B, T]`` with 1 where a token counts.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -122,41 +123,274 @@ def token_logprobs(logits, tokens, chunk_size: Optional[int] = None):
     return _upcast(picked) - lse
 
 
-def token_logprobs_from_hidden(hidden, unembedding, tokens, chunk_size: int = 8192):
+# --------------------------------------------------------------------------------------------
+# Large vocabularies: log-probs, entropy and divergences from hidden states, streamed over
+# vocabulary tiles so that the ``[tokens, V]`` logits never exist whole (forward or backward).
+# --------------------------------------------------------------------------------------------
+
+def _compute_dtypes(hidden, unembedding):
+    """(matmul input dtype, accumulation dtype): bfloat16 matmuls accumulate in float32."""
+    ct = jnp.promote_types(hidden.dtype, unembedding.dtype)
+    return ct, jnp.promote_types(ct, jnp.float32)
+
+
+def _vocab_tile(h, w, i, chunk_size: int, temperature: float, acc):
+    """Logits of vocabulary tile ``i``: ``(z [N, C], fresh [C], start, w_tile [D, C])``.
+
+    Tile i covers columns ``[i·C, i·C + C)``; the last tile of a vocabulary that ``C`` does not
+    divide starts at ``V − C`` instead (no padded copy of the unembedding), and its columns that an
+    earlier tile already covered are not ``fresh``: their logits are −inf here, so every column is
+    counted exactly once.
+    """
+    v = w.shape[1]
+    first = i * chunk_size
+    start = jnp.minimum(first, v - chunk_size)
+    w_c = jax.lax.dynamic_slice_in_dim(w, start, chunk_size, axis=1)
+    z = jnp.einsum("nd,dc->nc", h, w_c.astype(h.dtype), preferred_element_type=acc)
+    if temperature != 1.0:
+        z = z / temperature
+    fresh = start + jnp.arange(chunk_size) >= first
+    return jnp.where(fresh, z, -jnp.inf), fresh, start, w_c
+
+
+def _tile_count(v: int, chunk_size: int) -> int:
+    return -(-v // chunk_size)
+
+
+def _tiled_logsumexp(h, w, chunk_size, temperature, acc):
+    """logsumexp over the vocabulary of ``h @ w / τ`` (rows of h), one tile at a time."""
+
+    def step(lse, i):
+        z, _, _, _ = _vocab_tile(h, w, i, chunk_size, temperature, acc)
+        return jnp.logaddexp(lse, jax.nn.logsumexp(z, axis=-1)), None
+
+    init = jnp.full(h.shape[:1], -jnp.inf, acc)
+    lse, _ = jax.lax.scan(step, init, jnp.arange(_tile_count(w.shape[1], chunk_size)))
+    return lse
+
+
+def _add_tile_gradient(dw, start, dw_c):
+    """dw[:, start:start+C] += dw_c (columns that are not fresh receive exact zeros)."""
+    old = jax.lax.dynamic_slice_in_dim(dw, start, dw_c.shape[1], axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(dw, old + dw_c, start, axis=1)
+
+
+def _logprobs_entropy_primal(h, w, tokens, temperature, chunk_size):
+    ct, acc = _compute_dtypes(h, w)
+    h = h.astype(ct)
+
+    def step(carry, i):
+        m, s0, s1, pick = carry
+        z, fresh, start, _ = _vocab_tile(h, w, i, chunk_size, temperature, acc)
+        m_new = jnp.maximum(m, jnp.max(z, axis=-1))  # finite: every tile has a fresh column
+        shift = jnp.where(jnp.isfinite(m), m - m_new, 0.0)
+        scale = jnp.exp(shift)
+        e = jnp.exp(z - m_new[:, None])  # 0 where z = −inf
+        zc = jnp.where(fresh, z - m_new[:, None], 0.0)
+        s1 = scale * (s1 + s0 * shift) + jnp.sum(e * zc, axis=-1)
+        s0 = scale * s0 + jnp.sum(e, axis=-1)
+        local = tokens - start
+        inside = (tokens >= i * chunk_size) & (local < chunk_size)
+        picked = jnp.take_along_axis(z, jnp.clip(local, 0, chunk_size - 1)[:, None], -1)[:, 0]
+        return (m_new, s0, s1, pick + jnp.where(inside, picked, 0.0)), None
+
+    n = h.shape[0]
+    init = (jnp.full((n,), -jnp.inf, acc), jnp.zeros((n,), acc), jnp.zeros((n,), acc), jnp.zeros((n,), acc))
+    (m, s0, s1, pick), _ = jax.lax.scan(step, init, jnp.arange(_tile_count(w.shape[1], chunk_size)))
+    lse = m + jnp.log(s0)
+    # H = lse − E_p[z] = log s0 − E_p[z − m]: no cancellation between two large numbers.
+    return pick - lse, jnp.log(s0) - s1 / s0, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _logprobs_entropy(h, w, tokens, temperature, chunk_size):
+    logp, ent, _ = _logprobs_entropy_primal(h, w, tokens, temperature, chunk_size)
+    return logp, ent
+
+
+def _logprobs_entropy_fwd(h, w, tokens, temperature, chunk_size):
+    logp, ent, lse = _logprobs_entropy_primal(h, w, tokens, temperature, chunk_size)
+    return (logp, ent), (h, w, tokens, lse, ent)
+
+
+def _logprobs_entropy_bwd(temperature, chunk_size, res, cts):
+    h_in, w, tokens, lse, ent = res
+    g_logp, g_ent = cts
+    ct, acc = _compute_dtypes(h_in, w)
+    h = h_in.astype(ct)
+
+    def step(carry, i):
+        dh, dw = carry
+        z, fresh, start, w_c = _vocab_tile(h, w, i, chunk_size, temperature, acc)
+        logp = z - lse[:, None]
+        p = jnp.exp(logp)
+        onehot = (start + jnp.arange(chunk_size) == tokens[:, None]) & fresh
+        # d log p_y / dz_v = 1[v = y] − p_v;  dH / dz_v = −p_v (log p_v + H).
+        dz = g_logp[:, None] * (onehot - p) - g_ent[:, None] * p * jnp.where(fresh, logp + ent[:, None], 0.0)
+        dz = jnp.where(fresh, dz, 0.0)
+        if temperature != 1.0:
+            dz = dz / temperature
+        dz = dz.astype(ct)
+        dh = dh + jnp.einsum("nc,dc->nd", dz, w_c.astype(ct), preferred_element_type=acc)
+        dw = _add_tile_gradient(dw, start, jnp.einsum("nd,nc->dc", h, dz, preferred_element_type=acc))
+        return (dh, dw), None
+
+    init = (jnp.zeros(h.shape, acc), jnp.zeros(w.shape, acc))
+    (dh, dw), _ = jax.lax.scan(step, init, jnp.arange(_tile_count(w.shape[1], chunk_size)))
+    return dh.astype(h_in.dtype), dw.astype(w.dtype), None
+
+
+_logprobs_entropy.defvjp(_logprobs_entropy_fwd, _logprobs_entropy_bwd)
+
+
+def _flatten_hidden(hidden, unembedding, chunk_size, temperature):
+    check_range("temperature", temperature, 0.0, None, low_open=True)
+    check_range("chunk_size", chunk_size, 1, None)
+    if hidden.shape[-1] != unembedding.shape[0]:
+        raise ValueError(
+            f"hidden{list(hidden.shape)} and unembedding{list(unembedding.shape)}: the last axis of "
+            "hidden must equal the first axis of the unembedding [D, V]"
+        )
+    return hidden.reshape(-1, hidden.shape[-1]), min(int(chunk_size), unembedding.shape[1]), float(temperature)
+
+
+def token_logprobs_and_entropy_from_hidden(
+    hidden, unembedding, tokens, temperature: float = 1.0, chunk_size: int = 8192
+):
+    """log p(tokens) and the entropy H(p), p = softmax(hidden @ unembedding / τ), by vocabulary tiles.
+
+    ``hidden [..., D]``, ``unembedding [D, V]``, ``tokens [...]`` (aligned: see
+    ``shift_for_next_token``); returns ``(logp [...], entropy [...])`` in (at least) float32.
+    With z = h·W/τ, one pass over tiles of ``chunk_size`` columns keeps, per row, a running
+    maximum m, s0 = Σ e^{z−m}, s1 = Σ e^{z−m}(z − m) (rescaled whenever m grows) and z_y, so
+    ``logsumexp = m + log s0``, ``log p_y = z_y − logsumexp`` and ``H = log s0 − s1/s0``.
+    The gradient is a ``jax.custom_vjp`` whose backward pass recomputes each tile's logits:
+    ∂log p_y/∂z_v = 1[v=y] − p_v and ∂H/∂z_v = −p_v(log p_v + H), then ∂/∂h = ∂z·Wᵀ/τ and
+    ∂/∂W = hᵀ·∂z/τ. Only ``[tokens, chunk_size]`` logits are alive at once. ``chunk_size`` need not
+    divide V (the last tile is shifted back so that it ends at V). bfloat16 inputs are multiplied
+    in bfloat16 with float32 accumulation; the gradients come back in the inputs' dtypes.
+    ``temperature`` and ``chunk_size`` are Python numbers (static).
+    """
+    h, c, t = _flatten_hidden(hidden, unembedding, chunk_size, temperature)
+    lead = jnp.shape(tokens)
+    logp, ent = _logprobs_entropy(h, unembedding, jnp.asarray(tokens).reshape(-1).astype(jnp.int32), t, c)
+    return logp.reshape(lead), ent.reshape(lead)
+
+
+def token_logprobs_from_hidden(hidden, unembedding, tokens, chunk_size: int = 8192, temperature: float = 1.0):
     """log p(tokens) from final hidden states, never forming the ``[..., V]`` logits at once.
 
-    ``hidden [..., D]``, ``unembedding [D, V]``, ``tokens [...]``. The vocabulary is processed in
-    chunks inside a rematerialized scan, so the forward pass and its gradient keep only
-    ``[..., chunk_size]`` logits alive (the large-vocabulary trick of chunked cross-entropy).
+    ``hidden [..., D]``, ``unembedding [D, V]``, ``tokens [...]``: the log-prob half of
+    ``token_logprobs_and_entropy_from_hidden`` (same tiles, same custom gradient).
     """
-    d, v = unembedding.shape
-    n = -(-v // chunk_size)
-    pad = n * chunk_size - v
-    w = jnp.pad(unembedding, ((0, 0), (0, pad)))
-    w = jnp.moveaxis(w.reshape(d, n, chunk_size), 1, 0)  # [n, D, C]
-    valid = (jnp.arange(n * chunk_size) < v).reshape(n, chunk_size)
-    h = _upcast(hidden)
-    tokens = tokens.astype(jnp.int32)
+    return token_logprobs_and_entropy_from_hidden(hidden, unembedding, tokens, temperature, chunk_size)[0]
 
-    @jax.checkpoint
-    def chunk_stats(h, w_c, valid_c, start):
-        z = jnp.einsum("...d,dc->...c", h, w_c.astype(h.dtype))
-        z = jnp.where(valid_c, z, -jnp.inf)
-        local = tokens - start
-        inside = (local >= 0) & (local < chunk_size)
-        picked = jnp.take_along_axis(z, jnp.clip(local, 0, chunk_size - 1)[..., None], -1)[..., 0]
-        return jax.nn.logsumexp(z, axis=-1), jnp.where(inside, picked, 0.0)
 
-    def step(carry, xs):
-        lse, pick = carry
-        w_c, valid_c, start = xs
-        c_lse, c_pick = chunk_stats(h, w_c, valid_c, start)
-        return (jnp.logaddexp(lse, c_lse), pick + c_pick), None
+def divergence_from_hidden(
+    term,
+    target_hidden,
+    target_unembedding,
+    model_hidden,
+    model_unembedding,
+    mask=None,
+    temperature: float = 1.0,
+    chunk_size: int = 8192,
+):
+    """D = Σ_v term(log p, log q) between full distributions given by hidden states, by vocabulary tiles.
 
-    init = (jnp.full(tokens.shape, -jnp.inf, h.dtype), jnp.zeros(tokens.shape, h.dtype))
-    starts = jnp.arange(n) * chunk_size
-    (lse, pick), _ = jax.lax.scan(step, init, (w, valid, starts))
-    return pick - lse
+    P = softmax(target_hidden @ target_unembedding / τ) (the teacher, no gradient),
+    Q = softmax(model_hidden @ model_unembedding / τ) (the student). ``term(logp [N, C], logq [N, C])
+    -> [N]`` sums its argument tiles over the last axis and must be *additive over the vocabulary*
+    (D of the whole vocabulary = Σ over tiles) and give 0 on entries where both log-probs are −inf;
+    ``kljax.divergences`` supplies the terms (``forward_kl_from_hidden`` etc.).
+
+    Forward: pass 1 streams both logsumexps (lse_p, lse_q); pass 2 streams log p = z_p − lse_p,
+    log q = z_q − lse_q into D and into S = Σ_v ∂term/∂log q_v. Backward (``jax.custom_vjp``): one
+    pass recomputing each tile, with ∂D/∂z_q,v = ∂term/∂log q_v − q_v·S (log q = z_q − lse(z_q)),
+    then ∂/∂h_q = ∂z_q·W_qᵀ/τ, ∂/∂W_q = h_qᵀ·∂z_q/τ. The teacher's inputs get zero cotangents
+    (stop-gradient). Only ``[tokens, chunk_size]`` logits of each model are alive at once.
+    Returns ``[...]`` (the leading shape of the hidden states), 0 where ``mask`` is 0.
+    """
+    if target_hidden.shape != model_hidden.shape or target_unembedding.shape[1] != model_unembedding.shape[1]:
+        raise ValueError(
+            f"target_hidden{list(target_hidden.shape)}, model_hidden{list(model_hidden.shape)}, "
+            f"target_unembedding{list(target_unembedding.shape)}, "
+            f"model_unembedding{list(model_unembedding.shape)}: the hidden states must have the same "
+            "shape and both unembeddings the same vocabulary size"
+        )
+    ht, c, t = _flatten_hidden(target_hidden, target_unembedding, chunk_size, temperature)
+    hq, _, _ = _flatten_hidden(model_hidden, model_unembedding, chunk_size, temperature)
+    fn = _divergence_vjp(term, t, c)
+    d = fn(jax.lax.stop_gradient(ht), jax.lax.stop_gradient(target_unembedding), hq, model_unembedding)
+    d = d.reshape(model_hidden.shape[:-1])
+    if mask is not None:
+        check_same_shape(mask=mask, per_token=d)
+        d = jnp.where(jnp.asarray(mask) > 0, d, 0.0)
+    return d
+
+
+def _divergence_vjp(term, temperature, chunk_size):
+    """The custom-gradient streaming divergence for one ``term`` (built per call; jit caches the trace)."""
+
+    def tiles(hp, wp, hq, wq, i):
+        ctp, accp = _compute_dtypes(hp, wp)
+        ctq, accq = _compute_dtypes(hq, wq)
+        zp, fresh, _, _ = _vocab_tile(hp.astype(ctp), wp, i, chunk_size, temperature, accp)
+        zq, _, start, wq_c = _vocab_tile(hq.astype(ctq), wq, i, chunk_size, temperature, accq)
+        return zp, zq, fresh, start, wq_c
+
+    def primal(hp, wp, hq, wq):
+        lse_p = _tiled_logsumexp(hp.astype(_compute_dtypes(hp, wp)[0]), wp, chunk_size, temperature,
+                                 _compute_dtypes(hp, wp)[1])
+        lse_q = _tiled_logsumexp(hq.astype(_compute_dtypes(hq, wq)[0]), wq, chunk_size, temperature,
+                                 _compute_dtypes(hq, wq)[1])
+
+        def step(carry, i):
+            d, s = carry
+            zp, zq, fresh, _, _ = tiles(hp, wp, hq, wq, i)
+            logp, logq = zp - lse_p[:, None], zq - lse_q[:, None]
+            value, pullback = jax.vjp(lambda lq: term(logp, lq), logq)
+            (g,) = pullback(jnp.ones_like(value))
+            return (d + value, s + jnp.sum(jnp.where(fresh, g, 0.0), axis=-1)), None
+
+        acc = jnp.promote_types(lse_p.dtype, lse_q.dtype)
+        init = (jnp.zeros(hq.shape[:1], acc), jnp.zeros(hq.shape[:1], acc))
+        (d, s), _ = jax.lax.scan(step, init, jnp.arange(_tile_count(wq.shape[1], chunk_size)))
+        return d, (lse_p, lse_q, s)
+
+    @jax.custom_vjp
+    def divergence(hp, wp, hq, wq):
+        return primal(hp, wp, hq, wq)[0]
+
+    def fwd(hp, wp, hq, wq):
+        d, stats = primal(hp, wp, hq, wq)
+        return d, (hp, wp, hq, wq, stats)
+
+    def bwd(res, g_d):
+        hp, wp, hq_in, wq, (lse_p, lse_q, s) = res
+        ct, acc = _compute_dtypes(hq_in, wq)
+        hq = hq_in.astype(ct)
+
+        def step(carry, i):
+            dh, dw = carry
+            zp, zq, fresh, start, wq_c = tiles(hp, wp, hq, wq, i)
+            logp, logq = zp - lse_p[:, None], zq - lse_q[:, None]
+            _, pullback = jax.vjp(lambda lq: term(logp, lq), logq)
+            (g,) = pullback(g_d.astype(logq.dtype))
+            dz = jnp.where(fresh, g - jnp.exp(logq) * (g_d * s)[:, None], 0.0)
+            if temperature != 1.0:
+                dz = dz / temperature
+            dz = dz.astype(ct)
+            dh = dh + jnp.einsum("nc,dc->nd", dz, wq_c.astype(ct), preferred_element_type=acc)
+            dw = _add_tile_gradient(dw, start, jnp.einsum("nd,nc->dc", hq, dz, preferred_element_type=acc))
+            return (dh, dw), None
+
+        init = (jnp.zeros(hq.shape, acc), jnp.zeros(wq.shape, acc))
+        (dh, dw), _ = jax.lax.scan(step, init, jnp.arange(_tile_count(wq.shape[1], chunk_size)))
+        return jnp.zeros_like(hp), jnp.zeros_like(wp), dh.astype(hq_in.dtype), dw.astype(wq.dtype)
+
+    divergence.defvjp(fwd, bwd)
+    return divergence
 
 
 def sequence_logprobs(logits, tokens, mask=None, chunk_size: Optional[int] = None):

@@ -46,6 +46,8 @@ def run_table(name: str, quick: bool = False, seeds: int | None = None, out: str
 
 def main(argv: list[str] | None = None) -> int:
     from kljax import repro
+    from kljax.train import sharding
+    sharding.skip_absent_tpu()
     tables = repro.names()
     names = available()
     p = argparse.ArgumentParser(prog="python -m kljax.reproduce", description=__doc__,

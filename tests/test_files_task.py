@@ -6,6 +6,7 @@ import os
 import textwrap
 
 import ml_collections
+import tensorflow_datasets as tfds
 import numpy as np
 import pytest
 
@@ -115,7 +116,7 @@ def test_cache_is_keyed_by_content_and_tokenizer(tok_dir, tmp_path):
     assert make(tok_dir, moved, prompt_len=17).config_name() != task.config_name()
 
 
-def test_over_long_examples_dropped_and_counted_or_an_error(tok_dir, tmp_path):
+def test_over_long_examples_dropped_and_counted_or_an_error(tok_dir, tmp_path, capsys):
     tok = load_tokenizer(tok_dir)
     rows = ROWS + [{"prompt": "what is " + " plus ".join(str(i) for i in range(20)) + "?", "answer": "190"},
                    {"prompt": "what is 1 plus 1?", "answer": " ".join(["2"] * 30)}]
@@ -127,6 +128,11 @@ def test_over_long_examples_dropped_and_counted_or_an_error(tok_dir, tmp_path):
     recs = records(task, "train", tmp_path / "d")
     assert len(recs) == len(rows) - 2
     assert task.dropped("train", str(tmp_path / "d")) == 2
+    from kljax.tasks import files as files_mod
+    files_mod._REPORTED.clear()  # a later process reading the cached data is told too
+    capsys.readouterr()
+    make(tok_dir, f, answer_key="answer").data_source("train", str(tmp_path / "d"))
+    assert "2 train examples over prompt_len=16" in capsys.readouterr().out
     assert sorted(int(r["row"]) for r in recs) == list(range(len(ROWS)))
     strict = make(tok_dir, f, answer_key="answer", too_long="error")
     with pytest.raises(ValueError, match=r"long.jsonl row 7: prompt has \d+ tokens > prompt_len=16"):
@@ -219,6 +225,17 @@ def test_reward_failures_name_function_and_prompt(tok_dir, tmp_path, reward_file
     assert "step 7" in str(e.value.at_step(7))
 
 
+def test_conversational_rows_get_trl_message_completions(tok_dir, tmp_path):
+    p = tmp_path / "conv_rewards.py"
+    p.write_text("def says_hi(prompts, completions, **kw):\n"
+                 "    return [float(c[0]['role'] == 'assistant' and 'hi' in c[0]['content'] and p[-1]['role'] == 'user')"
+                 " for p, c in zip(prompts, completions)]\n")
+    f = write(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "say hi"}]}] * 2)
+    task = make(tok_dir, f, prompt_key="messages", prompt_len=64, reward=f"{p}:says_hi")
+    batch = {k: np.stack([r[k] for r in records(task, "train", tmp_path / "d")]) for k in ("row", "split_id")}
+    np.testing.assert_allclose(task.reward(*completions_of(task, ["hi there", "bye"]), batch), [1.0, 0.0])
+
+
 def test_reward_spec_errors(tok_dir, tmp_path, reward_file):
     f = write(tmp_path / "a.jsonl", ROWS)
     with pytest.raises(AttributeError, match="no function 'missing'"):
@@ -245,8 +262,10 @@ def test_builtin_math_answer_format_length():
 
 
 # ---------------------------------------------------------------------------------------------- registry
-def test_register_task_from_user_module(tmp_path):
+def test_register_task_from_user_module(tmp_path, monkeypatch):
     from kljax.train import common
+    # The registration lasts for this test only (other tests check the built-in registry).
+    monkeypatch.setattr(tasks, "_REGISTRY", dict(tasks._REGISTRY))
     mod = tmp_path / "my_tasks.py"
     mod.write_text(textwrap.dedent("""
         import dataclasses
@@ -280,3 +299,51 @@ def test_llama_tokenizer_bos_once_with_and_without_template(tmp_path):
         ids = rec["prompt"][rec["prompt_valid"] > 0].tolist()
         assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
         assert tok.pad_id == tok.eos_id  # no pad token in the files
+
+
+# ---------------------------------------------------------------------------------------------- tfds source
+class KljaxTinyQa(tfds.core.GeneratorBasedBuilder):
+    """A registered tfds dataset prepared locally (array_record), as a user's `tfds build` leaves it."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        return None
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def url_infos(cls):
+        return None
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+            {"prompt": tfds.features.Text(), "answer": tfds.features.Text(), "level": np.int32}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(ROWS), "test": self._generate_examples(ROWS[:2])}
+
+    def _generate_examples(self, rows):
+        for i, r in enumerate(rows):
+            yield i, {"prompt": r["prompt"], "answer": r["answer"], "level": r["level"]}
+
+
+def test_registered_tfds_dataset_as_source(tok_dir, tmp_path, reward_file):
+    tok = load_tokenizer(tok_dir)
+    KljaxTinyQa(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+    task = tasks.get("files", tfds_name="kljax_tiny_qa", tfds_data_dir=str(tmp_path / "tfds"), answer_key="answer",
+                     tokenizer_path=tok_dir, prompt_len=16, completion_len=8, reward=f"{reward_file}:level_only")
+    recs = records(task, "train", tmp_path / "d")
+    assert len(recs) == len(ROWS) and len(records(task, "test", tmp_path / "d")) == 2
+    rows = task.rows("train")  # the dataset's rows (tfds's stored order), decoded to python values
+    assert sorted(r["prompt"] for r in rows) == sorted(r["prompt"] for r in ROWS)
+    for rec in recs:
+        row = rows[int(rec["row"])]
+        assert rec["prompt"][rec["prompt_valid"] > 0].tolist() == tok.encode(row["prompt"])
+    batch = {k: np.stack([r[k] for r in recs]) for k in ("row", "split_id")}
+    r = task.reward(*completions_of(task, ["1"] * len(ROWS)), batch)
+    np.testing.assert_allclose(r, [float(rows[int(rec["row"])]["level"]) for rec in recs])
+    with pytest.raises(FileNotFoundError, match="not prepared"):
+        tasks.get("files", tfds_name="kljax_tiny_qa", tfds_data_dir=str(tmp_path / "empty"), tokenizer_path=tok_dir)
+    with pytest.raises(ValueError, match="not both"):
+        tasks.get("files", tfds_name="kljax_tiny_qa", train_files="x.jsonl", tokenizer_path=tok_dir)

@@ -196,7 +196,9 @@ def _policy_batch(logits, d):
 
 
 def _policy_runner(name, variants):
-    """One jitted program: value, metrics and d/dlogits for every (label, hparams) variant."""
+    """One jitted program: value and metrics of every (label, hparams) variant, and d/dlogits of
+    their sum (a NaN or inf in any variant's gradient makes the sum's non-finite too, and one
+    backward pass compiles much faster than one per variant; ``_variant_grads`` names the culprit)."""
     f = objectives.get(name)
 
     def one(logits, d, hp):
@@ -205,24 +207,39 @@ def _policy_runner(name, variants):
             batch["v_star"] = d["v_star"]
         return f(batch, **hp)
 
+    def total(logits, d):
+        out, tot = {}, 0.0
+        for label, hp in variants.items():
+            loss, metrics = one(logits, d, hp)
+            out[label] = {"loss": loss, "metrics": metrics}
+            tot = tot + loss
+        return tot, out
+
     @_jit
     def run(logits, d):
-        out = {}
-        for label, hp in variants.items():
-            (loss, metrics), g = jax.value_and_grad(one, has_aux=True)(logits, d, hp)
-            out[label] = {"loss": loss, "metrics": metrics, "grad": g}
+        (_, out), g = jax.value_and_grad(total, has_aux=True)(logits, d)
+        out["sum"] = {"grad": g}
         return out
 
+    run.one = one
+    run.variants = variants
     return run
 
 
-def _check_policy_result(res, mask):
+def _variant_grads(run, logits, d):
+    """Per-variant gradients, eagerly: only to name the variant when the summed gradient is bad."""
+    return {label: _finite_tree(jax.grad(lambda x: run.one(x, d, hp)[0])(logits))
+            for label, hp in run.variants.items()}
+
+
+def _check_policy_result(run, logits, d):
+    res = run(logits, d)
     bad = _finite_tree(res)
+    if bad and any("grad" in b for b in bad):
+        bad.append(f"per-variant gradients: {_variant_grads(run, logits, d)}")
     assert not bad, f"non-finite: {bad}"
-    masked = np.asarray(mask) == 0
-    for label, r in res.items():
-        g = np.asarray(r["grad"])
-        assert np.all(g[masked] == 0.0), f"{label}: gradient at masked positions"
+    masked = np.asarray(d["mask"]) == 0
+    assert np.all(np.asarray(res["sum"]["grad"])[masked] == 0.0), "gradient at masked positions"
 
 
 def _policy_variants(name):
@@ -249,7 +266,7 @@ def _runner(key, make):
 def test_policy_objective_finite(name, case):
     run = _runner(("policy", name), lambda: _policy_runner(name, _policy_variants(name)))
     d = {k: v for k, v in case.items() if k != "logits"}
-    _check_policy_result(run(case["logits"], d), case["mask"])
+    _check_policy_result(run, case["logits"], d)
     CASES[f"policy/{name}"] += 1
 
 
@@ -273,7 +290,7 @@ def test_every_kl_placement_finite(name, case):
     variants = {k: dict(v, beta=0.5, group_size=G) for k, v in KL_GRIDS[name].items()}
     run = _runner(("grid", name), lambda: _policy_runner(name, variants))
     d = {k: v for k, v in case.items() if k != "logits"}
-    _check_policy_result(run(case["logits"], d), case["mask"])
+    _check_policy_result(run, case["logits"], d)
     CASES[f"kl_grid/{name}"] += 1
 
 
@@ -480,6 +497,48 @@ def test_value_objective_finite(name, case):
     CASES[f"value/{name}"] += 1
 
 
+@st.composite
+def guidance_cases(draw):
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scale = lambda: draw(st.sampled_from([1.0, 30.0, 1e4]))  # noqa: E731
+    ref = (scale() * rng.normal(size=(B, V))).astype(np.float32)
+    ref[:, PAD_COL] = -np.inf
+    crit = (scale() * rng.normal(size=(B, V))).astype(np.float32)
+    if draw(st.booleans()):  # a certain success / failure: p exactly 1 or 0
+        crit[0, 0], crit[1, 1] = np.inf, -np.inf
+    return {"ref": ref, "crit": crit, "hist": (scale() * rng.normal(size=(B, V, A))).astype(np.float32),
+            "atoms": (np.linspace(0.0, 1.0, A) * draw(st.sampled_from([1.0, 100.0]))).astype(np.float32),
+            "eta": np.float32(10.0 ** draw(st.floats(-6, 6)))}
+
+
+@FUZZ
+@given(case=guidance_cases())
+def test_qsharp_guidance_finite(case):
+    """Q♯ guided logits for η from 1e-6 to 1e6, critics at ±inf, −inf reference entries, both top-k
+    modes: no NaN, −inf exactly where the reference is −inf or top-k masks, finite elsewhere; the
+    sampled distribution is a distribution."""
+    from kljax.objectives import value as V
+    run = _runner(("guidance",), lambda: _jit(lambda c: {
+        f"{kind}/{rest}": V.qsharp_logits(c["ref"], c["crit"] if kind == "bernoulli" else c["hist"], c["eta"],
+                                          kind, atoms=c["atoms"] if kind == "histogram" else None, top_k=3,
+                                          top_k_rest=rest)
+        for kind in ("bernoulli", "histogram") for rest in ("mask", "reference")}))
+    out = run(case)
+    ref = case["ref"]
+    for label, x in out.items():
+        x = np.asarray(x)
+        assert not np.isnan(x).any(), label
+        assert np.all(np.isneginf(x[np.isneginf(ref)])), label
+        kept = np.isfinite(x)
+        assert np.all(kept | np.isneginf(x)), label
+        assert np.all(kept.sum(-1) >= 1), label
+        if label.endswith("reference"):
+            assert np.all(kept == np.isfinite(ref)), label
+        p = np.asarray(jax.nn.softmax(jnp.asarray(x), axis=-1))
+        np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-5)
+    CASES["value/qsharp_logits"] += 1
+
+
 # --------------------------------------------------------------------------------------------
 # Data path: tokenizers, prompts, rewards, loaders
 # --------------------------------------------------------------------------------------------
@@ -625,7 +684,7 @@ def test_files_task_prompts_valid_or_clear_error(files_tasks, data_):
     ans = task.completion_ids(answer)
     fits = len(want) <= task.prompt_len and len(ans) <= task.completion_len
     assert len(recs) == (1 if fits else 0)  # over budget: dropped (with "error" it raised above)
-    if kind == "exact" and len(ans) <= task.completion_len:
+    if kind == "exact" and mode != "chat" and len(ans) <= task.completion_len:  # (the template adds tokens)
         assert len(recs) == 1 and recs[0]["prompt_valid"].all()
     for r in recs:
         v = r["prompt_valid"]

@@ -1,7 +1,8 @@
-"""End to end on what a user brings: a tiny Qwen2 with its own trained BPE tokenizer in a local folder,
-GSM8K-style JSONL files and a reward function in a Python file. Through `kljax.main` (in-process): SFT,
-GRPO with the file's reward, a failing reward stopping the run; then `kljax.export`, reload in
-transformers, and greedy generation there gives kljax's greedy tokens."""
+"""End to end on what a user brings: a tiny Qwen2 and a tiny Llama, each with its own trained BPE
+tokenizer in a local folder, GSM8K-style JSONL files and a reward function in a Python file. Through
+`kljax.main` (in-process): SFT of the Llama through its chat template, GRPO of the Qwen2 with the file's
+reward, a failing reward stopping the run; then `kljax.export`, reload in transformers, and greedy
+generation there gives kljax's greedy tokens."""
 import json
 import os
 import textwrap
@@ -84,9 +85,16 @@ def metrics(workdir):
 
 
 @pytest.fixture(scope="module")
-def sft_run(user):
-    wd = str(user["root"] / "sft")
-    run_main("sft,smoke", wd, user)
+def llama(user):
+    """A tiny Llama (BOS from its tokenizer's post-processor, no pad token, untied head) beside the Qwen2."""
+    return dict(user, model=hfx.user_folder(user["root"] / "tiny-llama", "llama", vocab_size=320, tie=False))
+
+
+@pytest.fixture(scope="module")
+def sft_run(llama):
+    """SFT of the Llama on the JSONL, prompts through its chat template."""
+    wd = str(llama["root"] / "sft")
+    run_main("sft,smoke", wd, llama, "--config.task.chat_template=True", "--config.task.prompt_len=48")
     return wd
 
 
@@ -109,7 +117,7 @@ def test_grpo_with_reward_file_reports_rewards_and_reward_time(grpo_run, user):
     m = [r for r in metrics(grpo_run) if "reward" in r]
     assert len(m) == 2
     for r in m:
-        assert r["time/reward_s"] >= 0
+        assert r["time/reward_s"] >= 0 and r["time/reward_wait_s"] >= 0  # scored on a thread, waited for
         assert "rewards/correct/mean" in r and "rewards/digits/mean" in r
         assert np.isfinite(r["loss"]) and np.isfinite(r["kl"])
     assert os.path.exists(os.path.join(grpo_run, "eval.json"))
@@ -125,7 +133,7 @@ def test_failing_reward_stops_the_run_naming_function_step_and_prompt(user, caps
     assert json.load(open(os.path.join(wd, "config.json")))  # the run's files are still there
 
 
-def test_export_loads_in_transformers_and_greedy_matches(grpo_run, user, tmp_path):
+def test_qwen2_grpo_export_loads_in_transformers_and_greedy_matches(grpo_run, user, tmp_path):
     from kljax import export
     workdir = grpo_run
     out = str(tmp_path / "hf")
@@ -136,10 +144,27 @@ def test_export_loads_in_transformers_and_greedy_matches(grpo_run, user, tmp_pat
     assert hf_tok("what is 3 plus 4?")["input_ids"] == tok.encode("what is 3 plus 4?")
     assert hf_model.config.vocab_size == 320
 
+    assert_same_greedy(workdir, hf_model, tok, [r["question"] for r in rows(8, 1)])
+
+
+def test_export_errors(sft_run, tmp_path, capsys):
+    from kljax import export
+    assert export.main([sft_run, str(tmp_path / "x"), "--checkpoint", "999"]) == 2
+    assert "999" in capsys.readouterr().err
+    assert export.main([str(tmp_path / "no_run"), str(tmp_path / "y")]) == 2
+    assert "no run" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+
+
+def assert_same_greedy(workdir, hf_model, tok, prompts, chat=False):
+    """kljax's greedy sampler on the run's trained policy == transformers' greedy `generate` on the export."""
     mesh = shd.make_mesh({"data": -1})
     model = common.load_model_from(workdir, mesh)  # the trained policy itself, not the exported copy
-    prompts = [r["question"] for r in rows(8, 1)]
-    ids = [tok.encode(p) for p in prompts]
+    if chat:
+        ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
+               for p in prompts]
+    else:
+        ids = [tok.encode(p) for p in prompts]
     P, N = max(map(len, ids)), 12
     toks = np.full((len(ids), P), tok.pad_id, np.int32)
     valid = np.zeros((len(ids), P), np.int32)
@@ -156,10 +181,14 @@ def test_export_loads_in_transformers_and_greedy_matches(grpo_run, user, tmp_pat
         assert ours == g[:len(ours)] and len(ours) == len(g), (i, ours, g)
 
 
-def test_export_errors(sft_run, tmp_path, capsys):
+def test_llama_sft_export_loads_in_transformers_and_greedy_matches(sft_run, llama, tmp_path):
     from kljax import export
-    assert export.main([sft_run, str(tmp_path / "x"), "--checkpoint", "999"]) == 2
-    assert "999" in capsys.readouterr().err
-    assert export.main([str(tmp_path / "no_run"), str(tmp_path / "y")]) == 2
-    assert "no run" in capsys.readouterr().err
-    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+    out = str(tmp_path / "hf")
+    assert export.main([sft_run, out]) == 0
+    hf_model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf_model).__name__ == "LlamaForCausalLM"
+    tok = load_tokenizer(llama["model"])
+    msgs = [{"role": "user", "content": "hi"}]
+    assert AutoTokenizer.from_pretrained(out).apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) \
+        == tok.apply_chat_template(msgs)
+    assert_same_greedy(sft_run, hf_model, tok, [r["question"] for r in rows(4, 2)], chat=True)

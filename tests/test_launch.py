@@ -79,3 +79,14 @@ def test_heartbeat_timeout_is_checked(monkeypatch):
     monkeypatch.setenv("KLJAX_HEARTBEAT_TIMEOUT", "soon")
     with pytest.raises(RuntimeError, match="KLJAX_HEARTBEAT_TIMEOUT='soon'"):
         sharding.heartbeat_timeout_s()
+
+
+def test_a_host_without_tpu_chips_does_not_start_libtpu():
+    # The `aot` extra installs libtpu; on a CPU host JAX would start it (pages of warnings) on every run.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    code = ("from kljax.train import sharding; sharding.skip_absent_tpu(); import os, jax; "
+            "print(os.environ['JAX_PLATFORMS'], jax.config.jax_platforms, jax.devices()[0].platform)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["cpu", "cpu", "cpu"]
+    assert "TPU_WORKER_HOSTNAMES" not in out.stderr and "libtpu" not in out.stderr

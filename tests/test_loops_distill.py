@@ -127,6 +127,40 @@ def test_distillm_adaptive_fills_replay_then_replays(tmp_path):
     assert "dataset" not in seen
 
 
+class _Loader:
+    def __init__(self):
+        self.state = {"next_index": 5}
+
+    def get_state(self):
+        return dict(self.state)
+
+    def set_state(self, s):
+        self.state = dict(s)
+
+
+def test_distillm_replay_buffer_is_part_of_the_checkpointed_state(tmp_path):
+    student = TransformerLM(lm_config(vocab_size=TASK.vocab_size, width=16, depth=1, num_heads=2, max_len=8),
+                            rngs=nnx.Rngs(0))
+    over = {"distill.phi": 1.0, "distill.replay_size": 16}
+    d, _ = _data("fkl,adaptive,smoke", tmp_path, **over)
+    d.loader = _Loader()
+    raw = _raw()
+    for s in range(4):
+        d.batch(s, student, raw)
+    saved = json.loads(json.dumps(d.get_state()))  # what the checkpoint stores
+    resumed, _ = _data("fkl,adaptive,smoke", tmp_path, **over)
+    resumed.loader = _Loader()
+    resumed.loader.state = {}
+    resumed.set_state(saved)
+    assert resumed.loader.state == {"next_index": 5} and resumed.counts == d.counts
+    assert len(resumed.replay) == len(d.replay) == 16
+    for s in range(4, 8):  # the resumed buffer replays exactly what the uninterrupted one does
+        (a, wa), (b, wb) = d.batch(s, student, raw), resumed.batch(s, student, raw)
+        assert wa == wb
+        np.testing.assert_array_equal(np.asarray(a["tokens"]), np.asarray(b["tokens"]))
+    assert "replay" in {d.batch(s, student, raw)[1] for s in range(8, 30)}
+
+
 def _cfg_errors():
     return _experiment("fkl,smoke")
 

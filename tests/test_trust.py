@@ -459,3 +459,15 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "mp":
     _mp_worker(sys.argv[2])
+
+
+@pytest.mark.parametrize("arg", ["qsharp,smoke", "qsharp_hist,smoke"])
+def test_qsharp_critic_hparams_checked_through_the_objective(arg):
+    from kljax.config import ConfigError
+    from kljax.train import common, preflight
+    cfg = common.load_config_file(os.path.join(REPO, "experiments", "star_graph_qsharp.py") + ":" + arg)
+    preflight.check_objective_hparams(cfg)  # the experiment's own values pass
+    with cfg.unlocked():
+        cfg.objective.loss_agg = "token-meen"
+    with pytest.raises(ConfigError, match=r"`objective.loss_agg` = 'token-meen' is invalid.*token-mean"):
+        preflight.check_objective_hparams(cfg)

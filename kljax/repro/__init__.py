@@ -13,6 +13,7 @@ import importlib
 TABLES = {
     "kl_estimators": "kljax.repro.kl_estimators",
     "mdvi": "kljax.repro.mdvi",
+    "distill": "kljax.repro.distill",
 }
 
 

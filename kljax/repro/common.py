@@ -23,20 +23,23 @@ def prepare(out: str, cfg: dict) -> None:
     write_json(os.path.join(out, "config.json"), cfg)
 
 
-def write_json(path: str, obj) -> None:
+def write_json(path: str, obj, digits: int | None = None) -> None:
+    """JSON with sorted keys; ``digits`` rounds floats to that many significant digits (results)."""
     with open(path, "w") as f:
-        json.dump(_jsonable(obj), f, indent=1, sort_keys=True)
+        json.dump(_jsonable(obj, digits), f, indent=None if digits else 1, sort_keys=True)
         f.write("\n")
 
 
-def _jsonable(x):
+def _jsonable(x, digits=None):
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): _jsonable(v, digits) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [_jsonable(v, digits) for v in x]
     if isinstance(x, (np.ndarray, np.generic)) or hasattr(x, "__array__"):
         a = np.asarray(x)
-        return a.item() if a.ndim == 0 else a.tolist()
+        return _jsonable(a.item() if a.ndim == 0 else a.tolist(), digits)
+    if digits and isinstance(x, float) and np.isfinite(x):
+        return float(f"{x:.{digits}g}")
     return x
 
 

@@ -48,7 +48,7 @@ OFF += [("exact", "loss", "none"), ("k1", "reward", "none"), ("k2", "reward", "n
         ("k3", "reward", "none")]
 
 QUICK = {
-    "bandit": [["k1", "reward", "on", "none"], ["k1", "loss", "on", "none"], ["k2", "loss", "on", "none"],
+    "bandit": [["k1", "reward", "on", "none"], ["k1", "loss", "on", "none"],
                ["k3", "loss", "on", "none"], ["k3", "loss", "off", "none"],
                ["k3", "loss", "off", "differentiable"]],
     "sequence": [["k1", "reward", "on", "none"], ["k3", "loss", "on", "none"]],
@@ -258,7 +258,7 @@ def _grad_stats(env: Env, combo, cfg):
 
 def _reaches(tv_rev, tv_fwd, max_prob, tol):
     if max_prob > 0.99:
-        return "neither: collapses to one outcome (no effective KL)"
+        return "neither: collapses onto one outcome"
     if tv_rev < tol:
         return "reverse-KL optimum"
     if tv_fwd < tol:
@@ -310,7 +310,7 @@ def run(cfg: dict, out: str) -> dict:
     _plot(cfg, results, os.path.join(out, "kl_estimators.png"))
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(markdown(cfg, results))
-    common.write_json(os.path.join(out, "results.json"), results)
+    common.write_json(os.path.join(out, "results.json"), results, digits=5)
     return results
 
 
@@ -349,19 +349,23 @@ def _plot(cfg, results, path):
             rows = [r for r in er["combos"] if r["combo"][2] == sampling]
             if rows:
                 panels.append((f"{env_name}, {sampling}-policy", rows))
-    fig, axes = plt.subplots(2, len(panels), figsize=(5 * len(panels), 8), squeeze=False)
+    fig, axes = plt.subplots(2, len(panels), figsize=(5.5 * len(panels), 8), squeeze=False)
     for j, (title, rows) in enumerate(panels):
-        for row in rows:
+        colors = plt.cm.tab20(np.arange(20))
+        for n, row in enumerate(rows):
             mean, lo, hi = (np.asarray(row[k]) for k in ("mc_curve_mean", "mc_curve_min", "mc_curve_max"))
             x = (np.arange(mean.shape[0]) + 1) * cfg["log_every"]
+            style = "-" if row["combo"][1] == "loss" else "--"
             for i in range(2):
-                line, = axes[i, j].plot(x, mean[:, i], label=row["label"], lw=1.2)
-                axes[i, j].fill_between(x, lo[:, i], hi[:, i], color=line.get_color(), alpha=0.15)
+                axes[i, j].plot(x, mean[:, i], style, color=colors[(2 * n) % 20 + (2 * n) // 20],
+                                label=row["label"], lw=1.3)
+                axes[i, j].fill_between(x, lo[:, i], hi[:, i], color=colors[(2 * n) % 20 + (2 * n) // 20],
+                                        alpha=0.15)
         for i, what in enumerate(("π*_rev = π_ref·exp(r/β)/Z", "π*_fwd (forward-KL optimum)")):
             axes[i, j].set_title(f"{title}: TV to {what}", fontsize=9)
             axes[i, j].set_xlabel("step")
             axes[i, j].set_ylim(0, 1)
-        axes[0, j].legend(fontsize=7)
+        axes[0, j].legend(fontsize=6, framealpha=0.6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -156,7 +156,7 @@ def run(cfg: dict, out: str) -> dict:
     _plot(cfg, results, os.path.join(out, "mdvi.png"))
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(markdown(cfg, results))
-    common.write_json(os.path.join(out, "results.json"), results)
+    common.write_json(os.path.join(out, "results.json"), results, digits=5)
     return results
 
 
@@ -183,7 +183,8 @@ def _plot(cfg, results, path):
     for m in results["methods"]:
         e = np.asarray(m["errors"])
         x = (np.arange(e.shape[1]) + 1) * cfg["log_every"]
-        line, = ax.plot(x, e.mean(0), label=m["name"], lw=1.3)
+        off = " (< 1e-4 after k = 10: off scale)" if e.mean(0)[-1] < 1e-4 else ""
+        line, = ax.plot(x, e.mean(0), label=m["name"] + off, lw=1.3)
         lo, hi = np.percentile(e, [25, 75], axis=0)
         ax.fill_between(x, np.maximum(lo, 1e-6), np.maximum(hi, 1e-6), color=line.get_color(), alpha=0.12)
     ax.set_yscale("log")

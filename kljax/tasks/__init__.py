@@ -53,7 +53,9 @@ def import_module(spec: str) -> None:
     for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
         if part.endswith(".py"):
             path = os.path.abspath(part)
-            name = "kljax_user_tasks_" + os.path.splitext(os.path.basename(path))[0]
+            import hashlib
+            stem = os.path.splitext(os.path.basename(path))[0]
+            name = f"kljax_user_tasks_{stem}_{hashlib.sha1(path.encode()).hexdigest()[:8]}"  # one per file
             if name in sys.modules:
                 continue
             if not os.path.exists(path):

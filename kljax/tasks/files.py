@@ -15,13 +15,17 @@ columns) from local JSONL, JSON, Parquet or CSV files, tokenized with a Hugging 
       too_long = "drop"                         # or "error": examples over budget; never truncated
       reward = ""                               # see kljax.tasks.rewards; "" = exact match of the target
       tokenizer_path = ""                       # "" = model.hf_path (filled in by the loops)
+      tfds_name = ""                            # instead of files: a prepared array_record tfds dataset
+      tfds_data_dir = "", train_split = "train", test_split = "test"
 
 Records: ``prompt``/``prompt_valid`` LEFT-padded to ``prompt_len`` (the prompt's own special tokens: BOS
 when the tokenizer adds one, the chat template's tokens when it is used); ``target``/``target_valid`` the
 completion (else the answer) then EOS, right-padded; ``chosen``/``rejected`` likewise for pairs; ``row`` and
 ``split_id`` point back to the file row, whose columns the reward functions receive.
 
-The data are tokenized once and cached as array_record by a tfds builder under
+A tfds dataset (``tfds_name``, prepared beforehand as array_record; nothing is downloaded) is read the
+same way, its text features decoded to ``str``; its identity in the hash is its name, version and
+``dataset_info.json``. The data are tokenized once and cached as array_record by a tfds builder under
 ``<data_dir>/files/h<hash>/``, the hash covering the files' contents, the tokenizer (its files' contents)
 and every data field: editing a file or switching tokenizer rebuilds, moving the files does not.
 Examples over budget are dropped (counted, printed when the data are built, and ``dropped(split)``) or,
@@ -45,6 +49,9 @@ from kljax.tasks import base
 from kljax.tasks import rewards as rewards_lib
 
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+_REPORTED: set = set()  # (config name, split) whose dropped count this process has printed
 
 
 class FilesBuilder(base.TaskBuilder, skip_registration=True):
@@ -71,6 +78,7 @@ class FilesBuilder(base.TaskBuilder, skip_registration=True):
         dropped = len(rows) - kept
         self.info.metadata["dropped"][split] = dropped
         self.info.metadata["total"][split] = len(rows)
+        _REPORTED.add((self._task.config_name(), split))
         if dropped:
             print(f"files task: dropped {dropped} of {len(rows)} {split} examples longer than "
                   f"prompt_len={self._task.prompt_len} / completion_len={self._task.completion_len} tokens "
@@ -149,6 +157,52 @@ def _rows_of(files: Tuple[str, ...], hashes: Tuple[str, ...]) -> Tuple[List[Dict
     return rows, where
 
 
+def _tfds_builder(name: str, data_dir: str):
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+    except Exception as e:  # noqa: BLE001 — tfds raises several kinds for an unknown name
+        raise ValueError(f"task.tfds_name={name!r}: {e}") from None
+    if not builder.is_prepared():
+        raise FileNotFoundError(f"task.tfds_name={name!r} is not prepared in {builder.data_dir}: kljax downloads "
+                                "nothing; prepare it first (tfds build --file_format=array_record) or set "
+                                "task.tfds_data_dir")
+    return builder
+
+
+def _tfds_info(name: str, data_dir: str) -> str:
+    """The prepared dataset's identity: full name, and dataset_info.json (shard lengths, sizes, checksums)."""
+    builder = _tfds_builder(name, data_dir)
+    path = os.path.join(builder.data_dir, "dataset_info.json")
+    with open(path, "rb") as f:
+        return builder.info.full_name + hashlib.sha256(f.read()).hexdigest()
+
+
+def _plain(v):
+    if isinstance(v, bytes):
+        return v.decode("utf-8")
+    if isinstance(v, np.ndarray):
+        return [_plain(x) for x in v.tolist()] if v.dtype.kind in "OSU" else v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    return v
+
+
+@functools.lru_cache(maxsize=8)
+def _tfds_rows(name: str, data_dir: str, split: str, info: str) -> List[Dict[str, Any]]:
+    del info  # part of the cache key only
+    builder = _tfds_builder(name, data_dir)
+    try:
+        source = builder.as_data_source(split)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"task.tfds_name={name!r} split {split!r}: {e} (kljax reads array_record datasets: "
+                         "tfds build --file_format=array_record)") from None
+    return [_plain(dict(source[i])) for i in range(len(source))]
+
+
 # ---------------------------------------------------------------------------------------------- the task
 @dataclasses.dataclass(frozen=True)
 class Files(base.SequenceTask):
@@ -165,6 +219,10 @@ class Files(base.SequenceTask):
     completion_len: int = 256
     too_long: str = "drop"
     max_examples: int = 0
+    tfds_name: str = ""          # a prepared (array_record) tfds dataset instead of files, e.g. "gsm8k/main"
+    tfds_data_dir: str = ""      # where it is prepared ("" = tfds's default)
+    train_split: str = "train"   # its splits (tfds split syntax, e.g. "train[:90%]")
+    test_split: str = "test"
     tokenizer_path: str = base.reward_only("")   # the tokenizer's contents enter the hash, not its path
     reward_spec: str = base.reward_only("")       # config field `task.reward` (see `files_task`)
 
@@ -183,8 +241,14 @@ class Files(base.SequenceTask):
         if not self.tokenizer_path:
             raise ValueError("the files task needs a tokenizer: set model.hf_path (or task.tokenizer_path) to a "
                              "Hugging Face folder with tokenizer.json")
-        files = {"train": tuple(resolve(self.train_files, "train_files"))}
-        files["test"] = tuple(resolve(self.test_files, "test_files")) if self.test_files else files["train"]
+        if self.tfds_name:
+            if self.train_files or self.test_files:
+                raise ValueError("set task.tfds_name or task.train_files/test_files, not both")
+            files = {"train": (), "test": ()}
+            object.__setattr__(self, "_tfds_info", _tfds_info(self.tfds_name, self.tfds_data_dir))
+        else:
+            files = {"train": tuple(resolve(self.train_files, "train_files"))}
+            files["test"] = tuple(resolve(self.test_files, "test_files")) if self.test_files else files["train"]
         object.__setattr__(self, "files", files)
         object.__setattr__(self, "tokenizer", load_tokenizer(self.tokenizer_path))
         object.__setattr__(self, "_config_name", self._content_name())
@@ -212,13 +276,15 @@ class Files(base.SequenceTask):
 
     def _content_name(self) -> str:
         h = hashlib.sha256()
+        if self.tfds_name:  # the prepared dataset's info (name, version, shard lengths and sizes)
+            h.update(self._tfds_info.encode())
         for split in self.splits:
             h.update(split.encode())
             for f in self.files[split]:
                 h.update(file_hash(f).encode())
         h.update(self.tokenizer.fingerprint().encode())
         for f in dataclasses.fields(self):
-            if f.name not in ("train_files", "test_files") and not f.metadata.get("reward_only"):
+            if f.name not in ("train_files", "test_files", "tfds_data_dir") and not f.metadata.get("reward_only"):
                 h.update(f"{f.name}={getattr(self, f.name)!r}".encode())
         return "h" + h.hexdigest()[:20]
 
@@ -234,11 +300,17 @@ class Files(base.SequenceTask):
         return tfds.features.FeaturesDict(feats)
 
     def rows(self, split: str):
-        files = self.files[split]
-        rows, _ = _rows_of(files, tuple(file_hash(f) for f in files))
+        if self.tfds_name:
+            tsplit = self.train_split if split == "train" else self.test_split
+            rows = _tfds_rows(self.tfds_name, self.tfds_data_dir, tsplit, self._tfds_info)
+        else:
+            files = self.files[split]
+            rows, _ = _rows_of(files, tuple(file_hash(f) for f in files))
         return rows[: self.max_examples] if self.max_examples else rows
 
     def _where(self, split: str, i: int) -> str:
+        if self.tfds_name:
+            return f"tfds {self.tfds_name} split {self.train_split if split == 'train' else self.test_split!r} example {i}"
         files = self.files[split]
         _, where = _rows_of(files, tuple(file_hash(f) for f in files))
         f, line = where[i]
@@ -311,6 +383,18 @@ class Files(base.SequenceTask):
     def split_size(self, split: str) -> int:
         return len(self.data_source(split))
 
+    def data_source(self, split: str, data_dir: Optional[str] = None):
+        """As for every task; the first use in a process of cached data that dropped examples says so."""
+        src = super().data_source(split, data_dir)
+        key = (self.config_name(), split)
+        if key not in _REPORTED:
+            _REPORTED.add(key)
+            n = self.dropped(split, data_dir)
+            if n:
+                print(f"files task: {n} {split} examples over prompt_len={self.prompt_len} / completion_len="
+                      f"{self.completion_len} were dropped when this data was built (too_long='drop')", flush=True)
+        return src
+
     def dropped(self, split: str, data_dir: Optional[str] = None) -> int:
         """How many examples of ``split`` were over budget and dropped when the data were built."""
         return int(self.prepare(data_dir).info.metadata.get("dropped", {}).get(split, 0))
@@ -336,8 +420,10 @@ class Files(base.SequenceTask):
         columns = {k: [r.get(k) for r in rows] for k in keys}
         if self.answer_key and "answer" not in columns and self.answer_key in columns:
             columns["answer"] = columns[self.answer_key]  # what the built-in math_answer reads
-        total, metrics = rewards_lib.score(rewards_lib.parse(self.reward_spec), [r.get(self.prompt_key) for r in rows],
-                                           texts, columns)
+        prompts = [r.get(self.prompt_key) for r in rows]
+        if prompts and isinstance(prompts[0], (list, tuple)):  # conversational data: completions as TRL passes them
+            texts = [[{"role": "assistant", "content": t}] for t in texts]
+        total, metrics = rewards_lib.score(rewards_lib.parse(self.reward_spec), prompts, texts, columns)
         object.__setattr__(self, "last_reward_metrics", metrics)
         return total
 

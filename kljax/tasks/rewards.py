@@ -3,7 +3,8 @@
     fn(prompts: list[str], completions: list[str], **columns) -> list[float | None]
 
 ``prompts`` are the prompt column's values as in the file, ``completions`` the decoded generated text
-(up to EOS, special tokens removed); every other column of the data file arrives as a keyword list of
+(up to EOS, special tokens removed; for conversational data, whose prompts are message lists, each
+completion is ``[{"role": "assistant", "content": text}]`` as in TRL); every other column of the data file arrives as a keyword list of
 the same length (``answer=[...]``), so a function takes ``**kwargs`` for the ones it ignores. ``None``
 marks a sample the function does not score. TRL reward functions run unchanged.
 

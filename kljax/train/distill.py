@@ -36,6 +36,8 @@ replay_size, replay_ratio (LM); teacher_model, teacher_steps, teacher_model_key 
 """
 from __future__ import annotations
 
+import base64
+
 import functools
 import json
 import os
@@ -320,8 +322,9 @@ class _DistillData:
     """Per-step batches for the LM distillation loop: draws the data source, samples completions
     (student / teacher / source), builds the sequence batch and the teacher logits.
 
-    Wraps the dataset loader; `get_state`/`set_state` forward to it (the replay buffer is not
-    checkpointed and refills after a resume).
+    Wraps the dataset loader. Its checkpointed state is the loader's, plus (DistiLLM, `replay_size` > 0)
+    the replay buffer and the per-source counts, so a resumed run replays what the interrupted one
+    would have.
     """
 
     def __init__(self, cfg, task, teacher, loader, mesh):
@@ -340,10 +343,24 @@ class _DistillData:
         return next(self.loader)  # raw dataset rows; `batch` turns them into the step's batch
 
     def get_state(self):
-        return self.loader.get_state()
+        if not self.replay_size:
+            return self.loader.get_state()
+        loader = self.loader.get_state()
+        if isinstance(loader, bytes):  # checkpoints store JSON
+            loader = {"__bytes_b64__": base64.b64encode(loader).decode("ascii")}
+        return {"loader": loader, "counts": dict(self.counts),
+                "replay": [[np.asarray(c).tolist(), np.asarray(v).tolist()] for c, v in self.replay]}
 
     def set_state(self, s):
-        self.loader.set_state(s)
+        if not (self.replay_size and isinstance(s, dict) and "replay" in s):
+            self.loader.set_state(s)
+            return
+        loader = s["loader"]
+        if isinstance(loader, dict) and set(loader) == {"__bytes_b64__"}:
+            loader = base64.b64decode(loader["__bytes_b64__"])
+        self.loader.set_state(loader)
+        self.counts.update(s["counts"])
+        self.replay = [(np.asarray(c, np.int32), np.asarray(v, np.int32)) for c, v in s["replay"]]
 
     def choose(self, step: int, key) -> str:
         """Which data trains step `step`: 'dataset' | 'student' | 'teacher' | 'replay'."""

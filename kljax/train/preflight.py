@@ -82,7 +82,20 @@ def _preference_call(cfg: Any, fn, hp: dict):
     return lambda b: fn(b, **hp), batch
 
 
-_CALLS = {"policy": _policy_call, "distill": _distill_call, "preference": _preference_call}
+def _value_call(cfg: Any, fn, hp: dict):
+    """A Q♯ critic loss: per-token critic outputs (a histogram over `model.num_atoms` atoms when > 1),
+    the next tokens, one return per sequence and the mask, as `kljax.train.qsharp.critic_loss` calls it."""
+    kw = dict(hp)
+    atoms = int((cfg.get("model", None) or {}).get("num_atoms", 1))
+    shape = (_B, _T, _V) + ((atoms,) if atoms > 1 else ())
+    if atoms > 1 and "atoms" in _params(fn):
+        q = cfg.get("qsharp", None) or {}
+        kw.setdefault("atoms", jnp.linspace(float(q.get("v_min", 0.0)), float(q.get("v_max", 1.0)), atoms))
+    batch = {"c": _sds(*shape), "tok": _sds(_B, _T, dtype=jnp.int32), "ret": _sds(_B), "m": _sds(_B, _T)}
+    return lambda b: fn(b["c"], b["tok"], b["ret"], b["m"], **kw), batch
+
+
+_CALLS = {"policy": _policy_call, "distill": _distill_call, "preference": _preference_call, "value": _value_call}
 
 
 def _field_of(msg: str, hp: dict, prefix: str) -> str | None:
@@ -97,8 +110,7 @@ def check_objective_hparams(cfg: Any, prefix: str = "objective") -> None:
     """Run objective `cfg.objective.name`'s own argument checks on the config's hyper-parameters.
 
     Raises `ConfigError` naming the field (e.g. `objective.beta`), the value and the objective's
-    message (valid range / choices). Objectives of a family without a known batch layout (value
-    critics) only get the unknown-name check.
+    message (valid range / choices), for every family (policy, distillation, preference, Q♯ critics).
     """
     block = cfg.get("objective", None)
     if block is None or "name" not in block:

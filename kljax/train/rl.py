@@ -39,6 +39,7 @@ optimizer updates (`optim.total_steps` defaults to that product for the schedule
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import inspect
 import time
@@ -219,9 +220,12 @@ def _logp_and_logits(graphdef, params, rest, seq, valid, prompt_len, want_logits
 
     rows = seq.shape[0]
     if 0 < chunk_rows < rows and rows % chunk_rows == 0:
-        chunks = lambda x: x.reshape(rows // chunk_rows, chunk_rows, *x.shape[1:])
+        # Chunk k holds rows k, k + n, k + 2n, ...: the row dimension of each chunk keeps the roll-out's
+        # batch sharding (contiguous chunks would each sit on a few devices, or be replicated).
+        n = rows // chunk_rows
+        chunks = lambda x: jnp.moveaxis(x.reshape(chunk_rows, n, *x.shape[1:]), 1, 0)
         logp, logits = jax.lax.map(one, (chunks(seq), chunks(valid)))
-        unchunk = lambda x: None if x is None else x.reshape(rows, *x.shape[2:])
+        unchunk = lambda x: None if x is None else jnp.moveaxis(x, 0, 1).reshape(rows, *x.shape[2:])
         return unchunk(logp), unchunk(logits)
     return one((seq, valid))
 
@@ -356,9 +360,21 @@ def run(cfg: Any, workdir: str) -> dict:
     select_rows = jax.jit(lambda tree, idx: jax.tree.map(lambda v: v[idx], tree),
                           out_shardings=shd.batch_sharding(mesh))
 
-    def rollout(model, batch, key):
+    # Rewards (possibly slow Python) are scored on a thread while the device computes the log-probs.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kljax-reward")
+
+    def score(toks, mask, rep):
+        t0 = time.perf_counter()
+        rewards = np.asarray(task.reward(toks, mask, rep), np.float32)
+        reward_stats["time/reward_s"] = reward_stats.get("time/reward_s", 0.0) + time.perf_counter() - t0
+        reward_stats.update({k: v for k, v in getattr(task, "last_reward_metrics", {}).items()
+                             if k.startswith("rewards/")})
+        return rewards
+
+    def rollout(model, batch, key, overlap=False):
         """Sample this process's groups under the mesh, score its own rows on the host, and return
-        global arrays (a group never straddles processes: its G copies are made here)."""
+        global arrays (a group never straddles processes: its G copies are made here). `overlap`: the
+        rewards are a future of this process's rows (see `step_fn`)."""
         rep = _repeat(batch, G)
         dev = shd.shard_batch({"prompt": rep["prompt"], "prompt_valid": rep["prompt_valid"]}, mesh)
         out = generate(model, dev["prompt"], dev["prompt_valid"], key, n_new, task.eos_id, pad_id=task.pad_id,
@@ -370,17 +386,14 @@ def run(cfg: Any, workdir: str) -> dict:
             return {"sequences": out.sequences, "prompt_valid": dev["prompt_valid"], "mask": out.mask,
                     "sampler_logp": out.logp, "rewards": rewards}
         toks, mask = shd.local_rows(out.tokens, mesh), shd.local_rows(out.mask, mesh)
-        t0 = time.perf_counter()
-        rewards = np.asarray(task.reward(toks, mask, rep), np.float32)
-        reward_stats["time/reward_s"] = reward_stats.get("time/reward_s", 0.0) + time.perf_counter() - t0
-        reward_stats.update({k: v for k, v in getattr(task, "last_reward_metrics", {}).items()
-                             if k.startswith("rewards/")})
+        rewards = (pool.submit(score, toks, mask, rep) if overlap else
+                   shd.shard_batch({"r": score(toks, mask, rep)}, mesh)["r"])
         return {"sequences": out.sequences, "prompt_valid": dev["prompt_valid"], "mask": out.mask,
-                "sampler_logp": out.logp, "rewards": shd.shard_batch({"r": rewards}, mesh)["r"]}
+                "sampler_logp": out.logp, "rewards": rewards}
 
     def collect(model, key):
         """A full roll-out batch of `n_prompts` groups (DAPO: only groups with reward variance)."""
-        first = rollout(model, next(prompts), jax.random.fold_in(key, 0))
+        first = rollout(model, next(prompts), jax.random.fold_in(key, 0), overlap=not dynamic)
         if not dynamic:
             return first, {}
         # DAPO's group filtering runs on host arrays (validation keeps it to one process).
@@ -414,6 +427,13 @@ def run(cfg: Any, workdir: str) -> dict:
         if teacher is not None:
             full["teacher_logp"], _ = _model_logp(teacher[0], teacher[1], teacher[2], seq, valid, P, False, mb)
         rw = ro["rewards"]
+        if isinstance(rw, concurrent.futures.Future):  # scored while the passes above run on the device
+            t0 = time.perf_counter()
+            try:
+                rw = shd.shard_batch({"r": rw.result()}, mesh)["r"]
+            except RewardError as e:
+                raise e.at_step(step + 1) from e
+            reward_stats["time/reward_wait_s"] = time.perf_counter() - t0
         full["rewards"] = rw
         kl_coef = st.kl_coef
         gae_stats = {}
@@ -460,9 +480,12 @@ def run(cfg: Any, workdir: str) -> dict:
             out["reference_reset"] = 1.0
         return RLState(train=train, ref_params=new_ref, step=st.step + 1, kl_coef=kl_coef), out
 
-    return common.run_loop(cfg, workdir, state=state, step_fn=step_fn, batches=_PromptIter(prompts),
-                           eval_fn=eval_fn,
-                           bar_keys=("reward", "kl", "entropy", "loss"), desc=f"rl {cfg.objective.name}")
+    try:
+        return common.run_loop(cfg, workdir, state=state, step_fn=step_fn, batches=_PromptIter(prompts),
+                               eval_fn=eval_fn,
+                               bar_keys=("reward", "kl", "entropy", "loss"), desc=f"rl {cfg.objective.name}")
+    finally:
+        pool.shutdown(wait=False)
 
 
 class _PromptIter:

@@ -233,6 +233,26 @@ ENV_DISTRIBUTED = "KLJAX_DISTRIBUTED"
 DEFAULT_HEARTBEAT_TIMEOUT_S = 20  # JAX's 100 s leaves the survivors of a crash idling for minutes
 
 
+def skip_absent_tpu() -> None:
+    """Keep JAX from starting libtpu on a machine without TPU chips.
+
+    With the `aot` extra installed, JAX otherwise initializes libtpu on every start, which prints
+    pages of warnings on a CPU or GPU host before falling back. Sets `JAX_PLATFORMS` (cuda when its
+    plugin is installed, else cpu) only when it is unset, libtpu is installed and no TPU device file
+    (/dev/accel*, /dev/vfio/<n>) exists.
+    """
+    import glob
+    import importlib.util
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+        return
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    cuda = any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    platforms = "cuda,cpu" if cuda else "cpu"
+    os.environ["JAX_PLATFORMS"] = platforms  # for child processes
+    jax.config.update("jax_platforms", platforms)  # jax read the variable when it was imported
+
+
 def heartbeat_timeout_s() -> int:
     """Seconds without a heartbeat after which the cluster declares a process lost and stops every other."""
     raw = os.environ.get(ENV_HEARTBEAT_TIMEOUT, str(DEFAULT_HEARTBEAT_TIMEOUT_S))
