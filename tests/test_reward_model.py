@@ -237,3 +237,20 @@ def test_gae_config_errors_name_the_field(user, field, value, needle):
         cfg[node][path[0]] = value
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         common.validate(cfg)
+
+
+def test_init_from_run_without_value_head_keeps_a_fresh_head():
+    """A reward model / critic started from an SFT run: the trunk is copied, the new head kept; any other
+    difference is refused (None)."""
+    mk = lambda head, width=16, seed=0: nnx.state(TransformerLM(
+        lm_config(vocab_size=11, width=width, depth=1, num_heads=2, max_len=8, value_head=head), rngs=nnx.Rngs(seed)),
+        nnx.Param)
+    sft, rmodel = mk("none", seed=1), mk("scalar", seed=2)
+    merged = common.merge_params(rmodel, sft)
+    flat = lambda t: {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+    m, s_, r_ = flat(merged), flat(sft), flat(rmodel)
+    assert set(m) == set(r_) and set(m) - set(s_) and all("value_" in k for k in set(m) - set(s_))
+    for k in m:
+        np.testing.assert_array_equal(m[k], s_[k] if k in s_ else r_[k])
+    assert common.merge_params(sft, rmodel) is None          # a head the target lacks
+    assert common.merge_params(mk("scalar", width=8), sft) is None  # a shape differs
