@@ -254,3 +254,22 @@ def test_init_from_run_without_value_head_keeps_a_fresh_head():
         np.testing.assert_array_equal(m[k], s_[k] if k in s_ else r_[k])
     assert common.merge_params(sft, rmodel) is None          # a head the target lacks
     assert common.merge_params(mk("scalar", width=8), sft) is None  # a shape differs
+
+
+@pytest.mark.slow
+def test_aot_compiles_the_critic_and_reward_model_steps():
+    """`kljax.aot` lowers PPO-with-critic's train step (per-token advantages, critic targets) and the
+    reward-model step for a TPU topology (the pod smoke config's model)."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from kljax import aot
+    cfg = common.load_config_file(os.path.join(REPO, "experiments", "pod_grpo.py") + ":smoke")
+    with cfg.unlocked():
+        cfg.objective.name, cfg.objective.beta = "ppo", 0.0
+        cfg.rl.advantage = "gae"
+        cfg.model.value_head = "scalar"
+    rows, text, status = aot.check(cfg, "v5e:2x2")
+    assert status == 0 and "train_step" in text, text
+    with cfg.unlocked():
+        cfg.loop = "reward_model"
+    rows, text, status = aot.check(cfg, "v5e:2x2")
+    assert status == 0 and "chosen + rejected" in text, text
