@@ -217,6 +217,14 @@ def test_ppo_with_critic_against_reward_model(rm_run, user):
     np.testing.assert_allclose(m[0]["kl_coef"], 0.05, rtol=1e-6)
     np.testing.assert_allclose(m[1]["kl_coef"], b1 * (1 + np.clip(kl1 / 6.0 - 1, -0.2, 0.2) * 8 / 100), rtol=1e-5)
     assert json.load(open(os.path.join(wd, "eval.json")))["step"] == 2
+    # β is checkpointed: a resumed run (total_steps raised) continues the controller from step 2's β
+    run_main("ppo,smoke", wd, user, f"--config.task.reward=model:{rm_run}", "--config.task.prompt_key=prompt",
+             "--config.task.answer_key=", "--config.total_steps=3")
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        m = [json.loads(line) for line in f if '"value_loss"' in line]
+    assert [r["step"] for r in m] == [1, 2, 3]
+    b2, kl2 = m[1]["kl_coef"], m[1]["objective/kl"]
+    np.testing.assert_allclose(m[2]["kl_coef"], b2 * (1 + np.clip(kl2 / 6.0 - 1, -0.2, 0.2) * 8 / 100), rtol=1e-5)
 
 
 @pytest.mark.parametrize("field,value,needle", [
