@@ -22,16 +22,6 @@ import re
 import sys
 from typing import Any, Callable
 
-from absl import app, flags
-from ml_collections import config_flags
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config: path/to/file.py[:arg], as for kljax.main.", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string(
-    "topology", "v5e:2x2", "TPU topology name, e.g. v5e:4x4, v5e:8x8, v5p:2x2x2, v4:2x2x2, v6e:4x4.")
-_HBM_GIB = flags.DEFINE_float(
-    "hbm_gib", 0.0, "Per-chip memory to check against, in GiB (0 = the chip's HBM from a built-in table).")
-
 # Per-chip HBM by the device kind the TPU compiler reports (public TPU system specs).
 HBM_GIB = {"TPU v4": 32.0, "TPU v5 lite": 16.0, "TPU v5": 95.0, "TPU v5p": 95.0, "TPU v6 lite": 32.0}
 GIB = 1024 ** 3
@@ -60,8 +50,9 @@ def topology_devices(name: str) -> list:
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=name)
     except Exception as e:  # libtpu missing or an unknown name: the message says which
-        raise SystemExit(_error(f"--topology={name!r}: could not describe it ({e}). Install the TPU compiler with "
-                                "`pip install -e \".[aot]\"` and use a name like v5e:4x4 or v5p:2x2x2."))
+        from kljax.config import ConfigError
+        raise ConfigError(f"--topology={name!r}: could not describe it ({e}). Install the TPU compiler with "
+                          "`pip install -e \".[aot]\"` and use a name like v5e:4x4 or v5p:2x2x2.") from None
     return list(desc.devices)
 
 
@@ -205,7 +196,8 @@ def distill_functions(cfg, mesh, task) -> list[tuple[str, Any]]:
     from kljax.train import distill
     from kljax.train import sharding as shd
     if cfg.task.name == "digits":
-        raise SystemExit(_error("kljax.aot covers sequence distillation; the digits classifier loop is tiny."))
+        from kljax.config import ConfigError
+        raise ConfigError("kljax.aot covers sequence distillation; the digits classifier loop is tiny.")
     objective = distill.check_objective(cfg, "distill")
     ts = _abstract_state(cfg, mesh, task)
     bs, B = shd.batch_sharding(mesh), int(cfg.batch_size)
@@ -305,25 +297,43 @@ def check(cfg, topology: str, hbm_gib: float = 0.0) -> tuple[list[Row], str, int
     return rows, text, status
 
 
-def main(argv):
-    if len(argv) > 1:
-        sys.exit(_error(f"unexpected arguments {argv[1:]}; use --config=... --topology=..."))
-    if _CONFIG.value is None:
-        sys.exit(_error("--config is required (an experiment file, as for kljax.main)."))
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kljax.aot --config=FILE[:arg] --topology=NAME [--hbm_gib=G] [--config.field=value ...]`."""
+    import argparse
+
+    from kljax import cli
     from kljax.config import ConfigError
-    cfg = _CONFIG.value
+    argv = list(sys.argv if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m kljax.aot", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--topology", default="v5e:2x2",
+                   help="TPU topology name, e.g. v5e:4x4, v5e:8x8, v5p:2x2x2, v4:2x2x2, v6e:4x4")
+    p.add_argument("--hbm_gib", type=float, default=0.0,
+                   help="per-chip memory to check against, in GiB (0 = the chip's HBM from a built-in table)")
+    p.add_argument("--config", required=True, help="experiment config path/to/file.py[:arg], as for kljax.main; "
+                   "override fields with --config.<field>=<value>")
+    if any(a in ("-h", "--help") for a in argv[1:]):
+        p.print_help()
+        return 0
     try:
-        _, text, status = check(cfg, _TOPOLOGY.value, _HBM_GIB.value)
+        rest, plan = cli.preflight(argv, "")
+    except cli.UsageError as e:
+        return _error(str(e))
+    args, unknown = p.parse_known_args(rest[1:] + [a for a in argv[1:] if a.startswith("--config=")])
+    if unknown:
+        return _error(f"unexpected arguments {unknown}; use --config=... --topology=... [--config.<field>=<value>]")
+    try:
+        _, text, status = check(plan.cfg, args.topology, args.hbm_gib)
     except ConfigError as e:
-        sys.exit(_error(str(e)))
+        return _error(str(e))
     print(text, flush=True)
-    sys.exit(status)
+    return status
 
 
-def run():
+def run() -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs nothing; the TPU compiler is libtpu's
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other JAX processes on this host may hold libtpu
-    app.run(main)
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -317,8 +317,13 @@ def _generate_jit(model_state, proc_leaves, prompts, prompt_valid, key, *, graph
     valid = jnp.concatenate([prompt_valid, jnp.zeros((b, n), jnp.int32)], axis=1)
 
     cache = model.init_cache(b, s)
-    logits, cache = model.decode(prompts, prompt_pos, cache, prompt_valid)
-    last_logits = logits[:, -1].astype(jnp.float32)
+    if hasattr(model, "decode_hidden") and hasattr(model, "logits_from_hidden"):
+        # Only the last prompt position's logits are used: skip the LM head (a [B, P, V] product) elsewhere.
+        h, cache = model.decode_hidden(prompts, prompt_pos, cache, prompt_valid)
+        last_logits = model.logits_from_hidden(h[:, -1:])[:, -1].astype(jnp.float32)
+    else:
+        logits, cache = model.decode(prompts, prompt_pos, cache, prompt_valid)
+        last_logits = logits[:, -1].astype(jnp.float32)
     stateful = processor is not None and hasattr(processor, "init") and hasattr(processor, "update")
     proc_carry = processor.init(prompts, prompt_valid, prompt_pos, s) if stateful else None
     logp_buf = jnp.zeros((b, n), jnp.float32)
@@ -347,11 +352,18 @@ def _generate_jit(model_state, proc_leaves, prompts, prompt_valid, key, *, graph
         if eos_id is not None:
             done = done | (tok == eos_id)
         pos = jax.lax.dynamic_slice_in_dim(positions, p + i, 1, axis=1)
-        logits, cache = model.decode(tok[:, None], pos, cache, live.astype(jnp.int32)[:, None])
-        if stateful:
-            proc_carry = processor.update(proc_carry, tok[:, None], pos, live.astype(jnp.int32)[:, None])
-        return (i + 1, cache, logits[:, -1].astype(jnp.float32), done, tokens, valid, logp_buf,
-                proc_carry)
+
+        def advance(args):  # feed the chosen token: the next step's logits
+            cache, proc_carry = args
+            logits, cache = model.decode(tok[:, None], pos, cache, live.astype(jnp.int32)[:, None])
+            if stateful:
+                proc_carry = processor.update(proc_carry, tok[:, None], pos, live.astype(jnp.int32)[:, None])
+            return logits[:, -1].astype(jnp.float32), cache, proc_carry
+
+        # After the last token nothing is sampled any more: skip that decode step.
+        last_logits, cache, proc_carry = jax.lax.cond(i + 1 < n, advance, lambda a: (last_logits, *a),
+                                                      (cache, proc_carry))
+        return (i + 1, cache, last_logits, done, tokens, valid, logp_buf, proc_carry)
 
     carry = (jnp.int32(0), cache, last_logits, done, tokens, valid, logp_buf, proc_carry)
     _, _, _, _, tokens, valid, logp_buf, _ = jax.lax.while_loop(cond, body, carry)

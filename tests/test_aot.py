@@ -68,7 +68,7 @@ def test_a_bad_topology_or_loop_is_a_config_error():
         cfg.loop = "qsharp"
     with pytest.raises(ConfigError, match="kljax.aot covers"):
         aot.check(cfg, "v5e:2x2")
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="--topology='v5e:3x7'"):
         aot.check(_smoke(), "v5e:3x7")
 
 
@@ -87,3 +87,10 @@ def test_the_rollout_forward_pass_holds_one_minibatch_of_logits_at_a_time():
     whole, chunked = (aot.compile_row(f"chunk {c}", aot._lower_logp(ts, mesh, 64, task.prompt_len + 32,
                                                                      task.prompt_len, c)) for c in (0, 16))
     assert chunked.temp_bytes < 0.35 * whole.temp_bytes, (chunked.temp_bytes, whole.temp_bytes)
+
+
+def test_aot_and_main_share_one_process():
+    # kljax.aot defines no absl flags, so a process (or a test session) may import both entry points.
+    import importlib
+    assert importlib.import_module("kljax.main").run
+    assert aot.main(["kljax.aot", "--config=/nonexistent.py", "--topology=v5e:2x2"]) == 2
