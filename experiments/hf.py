@@ -21,6 +21,12 @@ Args (comma-separated; add `smoke` for a few steps on a tiny local model, as the
              --config.model.hf_path=/models/Qwen2.5-0.5B-Instruct \\
              --config.task.train_files=data/prefs_train.jsonl --config.task.test_files=data/prefs_test.jsonl
 
+  ppo    PPO with a critic (value head on the policy's trunk, GAE(1, 0.95), clipped value loss, per-token KL
+         reward with Ziegler et al.'s adaptive β toward rl.kl_target) against the reward model above:
+         python -m kljax.main --config=experiments/hf.py:ppo --workdir=runs/hf/ppo \\
+             --config.model.hf_path=/models/Qwen2.5-0.5B-Instruct --config.task.reward=model:runs/hf/rm \\
+             --config.task.train_files=data/prompts.jsonl --config.task.test_files=data/prompts_test.jsonl
+
 Data: rows with `question` and `answer` (GSM8K's layout: the answer is a worked solution ending in
 `#### 42`); other layouts via --config.task.prompt_key / answer_key / completion_key; a prepared tfds
 dataset instead of files via --config.task.tfds_name=gsm8k/main (train_split, test_split). Prompts go through
@@ -124,7 +130,32 @@ def reward_model_config(smoke: bool) -> ml_collections.ConfigDict:
     return c
 
 
-CONFIGS = {"sft": sft_config, "grpo": grpo_config, "reward_model": reward_model_config}
+def ppo_config(smoke: bool) -> ml_collections.ConfigDict:
+    """PPO with a critic sharing the policy's trunk (rl.advantage = "gae"), per-token KL reward β = rl.kl_coef
+    (adaptive toward rl.kl_target when > 0), reward `task.reward` (e.g. "model:runs/hf/rm")."""
+    c = rl_base_config(dict(name="ppo", beta=0.0, clip_eps_low=0.2))
+    _model(c, smoke)
+    c.model.value_head = "scalar"
+    c.task = _task(smoke)
+    c.rl.advantage = "gae"
+    c.rl.update(dict(gamma=1.0, lam=0.95, vf_coef=0.1, value_clip=0.2, kl_coef=0.05, kl_target=6.0,
+                     kl_horizon=10000.0, whiten_advantages=True))
+    c.rl.group_size, c.rl.prompts_per_step, c.rl.minibatch_size, c.rl.updates_per_rollout = 1, 64, 16, 4
+    c.optim.learning_rate = 1e-6
+    c.total_steps = 200
+    c.eval_every, c.checkpoint.every = 50, 50
+    c.eval.num_examples, c.eval.batch_size = 256, 64
+    c.checkpoint.best_metric = "eval/reward"
+    if smoke:
+        _smoke(c)
+        c.total_steps = 2
+        c.rl.group_size, c.rl.prompts_per_step, c.rl.minibatch_size, c.rl.updates_per_rollout = 1, 8, 8, 2
+        c.rl.kl_horizon = 100.0
+        c.optim.learning_rate = 1e-3
+    return c
+
+
+CONFIGS = {"sft": sft_config, "grpo": grpo_config, "reward_model": reward_model_config, "ppo": ppo_config}
 
 
 def get_config(arg: str = "grpo") -> ml_collections.ConfigDict:

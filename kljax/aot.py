@@ -173,7 +173,9 @@ def rl_functions(cfg, mesh, task) -> list[tuple[str, Any]]:
     batch = {"sequences": _sds((mb, P + N), jnp.int32, bs), "valid": _sds((mb, P + N), jnp.int32, bs),
              "mask": _sds((mb, N), jnp.float32, bs), "old_logp": _sds((mb, N), jnp.float32, bs),
              "ref_logp": _sds((mb, N), jnp.float32, bs), "rewards": _sds((mb,), jnp.float32, bs)}
-    if r.get("advantage", "objective") != "objective":
+    if r.get("advantage", "objective") == "gae":  # PPO with a critic: per-token advantages, critic targets
+        batch.update({k: _sds((mb, N), jnp.float32, bs) for k in ("advantages", "old_values", "returns")})
+    elif r.get("advantage", "objective") != "objective":
         batch["advantages"] = _sds((mb,), jnp.float32, bs)
     sample_kw = dict(temperature=float(r.get("temperature", 1.0)), top_k=int(r.get("top_k", 0)),
                      top_p=float(r.get("top_p", 1.0)))
@@ -222,7 +224,21 @@ def distill_functions(cfg, mesh, task) -> list[tuple[str, Any]]:
     return out
 
 
-LOOPS = {"sft": sft_functions, "rl": rl_functions, "distill": distill_functions}
+def reward_model_functions(cfg, mesh, task) -> list[tuple[str, Any]]:
+    import jax.numpy as jnp
+
+    from kljax.train import reward_model
+    from kljax.train import sharding as shd
+    ts = _abstract_state(cfg, mesh, task)
+    bs, B, P, C = shd.batch_sharding(mesh), int(cfg.batch_size), task.prompt_len, task.completion_len
+    batch = {"prompt": _sds((B, P), jnp.int32, bs), "prompt_valid": _sds((B, P), jnp.int32, bs)}
+    batch.update({k: _sds((B, C), jnp.int32, bs) for k in reward_model.PAIR_FIELDS})
+    center = float(cfg.get("reward_model", {}).get("center_coef", 0.0))
+    return [("train_step (chosen + rejected rows)", _lower_step(reward_model.rm_loss_fn(center), cfg, mesh, ts, batch))]
+
+
+LOOPS = {"sft": sft_functions, "rl": rl_functions, "distill": distill_functions,
+         "reward_model": reward_model_functions}
 
 
 def _fmt_bytes(n: float) -> str:

@@ -180,3 +180,104 @@ def test_reward_model_config_errors(user, tmp_path):
         bad.task.chosen_key, bad.task.rejected_key = "", ""
     with pytest.raises(ConfigError, match="task.name"):
         common.validate(bad)
+
+
+# ------------------------------------------------------------------ PPO with a critic -----
+
+def test_ppo_token_rewards_match_kl_penalized_returns():
+    """rl.advantage='gae' at γ = λ = 1, V = 0: A_t = R − β Σ_{s≥t} k1_s, InstructGPT's KL-penalized return
+    (`advantages.kl_penalized_returns`, computed independently)."""
+    from kljax.objectives import advantages as A
+    from kljax.train import rl
+    rng = np.random.default_rng(0)
+    old, ref = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+    mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    rw = jnp.array([1.0, -0.5, 2.0])
+    adv, ret, kl = rl._gae_batch(rw, old, ref, jnp.zeros((3, 4)), mask, 0.3, 1.0, 1.0, False)
+    want = A.kl_penalized_returns(rw, old - ref, mask.astype(jnp.float32), 0.3)
+    np.testing.assert_allclose(adv, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ret, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(kl, np.mean(np.sum(np.asarray(old - ref) * np.asarray(mask), -1)), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_ppo_with_critic_against_reward_model(rm_run, user):
+    """experiments/hf.py:ppo,smoke through kljax.main: critic losses logged, β follows Ziegler's rule."""
+    wd = str(user["root"] / "ppo_rm")
+    run_main("ppo,smoke", wd, user, f"--config.task.reward=model:{rm_run}", "--config.task.prompt_key=prompt",
+             "--config.task.answer_key=")
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        m = [json.loads(line) for line in f if '"value_loss"' in line]
+    assert len(m) == 2
+    for r in m:
+        for k in ("loss", "value_loss", "value_clipfrac", "objective/kl", "reward"):
+            assert np.isfinite(r[k]), k
+    # β_2 = β_1·(1 + clip(KL_1/target − 1, ±0.2)·rows/horizon), rows = 8, target 6, horizon 100
+    b1, kl1 = m[0]["kl_coef"], m[0]["objective/kl"]
+    np.testing.assert_allclose(m[0]["kl_coef"], 0.05, rtol=1e-6)
+    np.testing.assert_allclose(m[1]["kl_coef"], b1 * (1 + np.clip(kl1 / 6.0 - 1, -0.2, 0.2) * 8 / 100), rtol=1e-5)
+    assert json.load(open(os.path.join(wd, "eval.json")))["step"] == 2
+    # β is checkpointed: a resumed run (total_steps raised) continues the controller from step 2's β
+    run_main("ppo,smoke", wd, user, f"--config.task.reward=model:{rm_run}", "--config.task.prompt_key=prompt",
+             "--config.task.answer_key=", "--config.total_steps=3")
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        m = [json.loads(line) for line in f if '"value_loss"' in line]
+    assert [r["step"] for r in m] == [1, 2, 3]
+    b2, kl2 = m[1]["kl_coef"], m[1]["objective/kl"]
+    np.testing.assert_allclose(m[2]["kl_coef"], b2 * (1 + np.clip(kl2 / 6.0 - 1, -0.2, 0.2) * 8 / 100), rtol=1e-5)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("model.value_head", "none", "model.value_head"),
+    ("objective.beta", 0.1, "objective.beta"),
+    ("rl.lam", 1.5, "rl.lam"),
+    ("rl.kl_horizon", 0.0, "rl.kl_horizon"),
+])
+def test_gae_config_errors_name_the_field(user, field, value, needle):
+    cfg = common.load_config_file(f"{HF}:ppo,smoke")
+    with cfg.unlocked():
+        cfg.model.hf_path = user["model"]
+        cfg.task.train_files, cfg.task.test_files = user["train"], user["test"]
+        cfg.task.data_dir, cfg.task.prompt_key, cfg.task.answer_key = user["data"], "prompt", ""
+    common.validate(cfg)
+    node, *path = field.split(".")
+    with cfg.unlocked():
+        cfg[node][path[0]] = value
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        common.validate(cfg)
+
+
+def test_init_from_run_without_value_head_keeps_a_fresh_head():
+    """A reward model / critic started from an SFT run: the trunk is copied, the new head kept; any other
+    difference is refused (None)."""
+    mk = lambda head, width=16, seed=0: nnx.state(TransformerLM(
+        lm_config(vocab_size=11, width=width, depth=1, num_heads=2, max_len=8, value_head=head), rngs=nnx.Rngs(seed)),
+        nnx.Param)
+    sft, rmodel = mk("none", seed=1), mk("scalar", seed=2)
+    merged = common.merge_params(rmodel, sft)
+    flat = lambda t: {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+    m, s_, r_ = flat(merged), flat(sft), flat(rmodel)
+    assert set(m) == set(r_) and set(m) - set(s_) and all("value_" in k for k in set(m) - set(s_))
+    for k in m:
+        np.testing.assert_array_equal(m[k], s_[k] if k in s_ else r_[k])
+    assert common.merge_params(sft, rmodel) is None          # a head the target lacks
+    assert common.merge_params(mk("scalar", width=8), sft) is None  # a shape differs
+
+
+@pytest.mark.slow
+def test_aot_compiles_the_critic_and_reward_model_steps():
+    """`kljax.aot` lowers PPO-with-critic's train step (per-token advantages, critic targets) and the
+    reward-model step for a TPU topology (the pod smoke config's model)."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from kljax import aot
+    cfg = common.load_config_file(os.path.join(REPO, "experiments", "pod_grpo.py") + ":smoke")
+    with cfg.unlocked():
+        cfg.objective.name, cfg.objective.beta = "ppo", 0.0
+        cfg.rl.advantage = "gae"
+        cfg.model.value_head = "scalar"
+    rows, text, status = aot.check(cfg, "v5e:2x2")
+    assert status == 0 and "train_step" in text, text
+    with cfg.unlocked():
+        cfg.loop = "reward_model"
+    rows, text, status = aot.check(cfg, "v5e:2x2")
+    assert status == 0 and "chosen + rejected" in text, text

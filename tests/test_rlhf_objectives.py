@@ -141,11 +141,11 @@ def _exact_values(params, ref, seqs, rewards, beta):
     return v0, v1
 
 
-def _critic_expected_grad(params, ref, seqs, rewards, beta, lam, critic=None):
+def _critic_expected_grad(params, ref, seqs, rewards, beta, lam, critic=None, objective="reinforce"):
     def expected_loss(prm):
         probs = jax.lax.stop_gradient(jnp.exp(seq_logprob_table(prm, seqs)))
         v0, v1 = _exact_values(prm, ref, seqs, rewards, beta) if critic is None else critic
-        obj = objectives.get("reinforce")
+        obj = objectives.get(objective)
 
         def one(i):
             s = seqs[i]
@@ -155,7 +155,7 @@ def _critic_expected_grad(params, ref, seqs, rewards, beta, lam, critic=None):
             adv, _ = A.gae(tr, jax.lax.stop_gradient(values), jnp.ones((1, 2)), 1.0, lam)
             batch = {"logp": lp, "old_logp": jax.lax.stop_gradient(lp), "ref_logp": lp,
                      "mask": jnp.ones((1, 2), lp.dtype), "advantages": adv}
-            return obj(batch, beta=0.0)[0]
+            return obj(batch, beta=0.0, loss_agg="seq-mean-token-sum")[0]
 
         return jnp.sum(probs * jax.vmap(one)(jnp.arange(seqs.shape[0])))
 
@@ -177,12 +177,14 @@ def toy(x64):
     return params, ref, all_sequences(V), jnp.asarray(R)
 
 
+@pytest.mark.parametrize("objective", ["reinforce", "ppo"])
 @pytest.mark.parametrize("beta", [0.0, 0.3])
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
-def test_critic_estimator_with_exact_critic_is_exact_gradient(toy, beta, lam):
-    """E_π[−Σ_t A^GAE_t ∇log π(y_t|h_t)] = −∇(E[R] − β·KL(π‖π_ref)) when V = V^π, for every λ."""
+def test_critic_estimator_with_exact_critic_is_exact_gradient(toy, beta, lam, objective):
+    """E_π[−Σ_t A^GAE_t ∇log π(y_t|h_t)] = −∇(E[R] − β·KL(π‖π_ref)) when V = V^π, for every λ (PPO on-policy:
+    ratio 1, the clip inactive — the rl loop's `rl.advantage = "gae"` update)."""
     params, ref, seqs, rewards = toy
-    g = _critic_expected_grad(params, ref, seqs, rewards, beta, lam)
+    g = _critic_expected_grad(params, ref, seqs, rewards, beta, lam, objective=objective)
     want = _exact_objective_grad(params, ref, seqs, rewards, beta)
     for gi, wi in zip(g, want):
         np.testing.assert_allclose(gi, -wi, atol=1e-12)

@@ -278,13 +278,33 @@ def init_params_from(ts: state_lib.TrainState, workdir: str, mesh: jax.sharding.
     Optimizer state stays fresh. Raises `ConfigError` if the shapes differ.
     """
     src, _ = load_state_from(workdir, mesh)
-    want = jax.tree.map(lambda x: (x.shape, x.dtype), ts.params)
-    got = jax.tree.map(lambda x: (x.shape, x.dtype), src.params)
-    if want != got:
+    params = merge_params(ts.params, src.params)
+    if params is None:
         raise ConfigError(f"config field `init_from` = {workdir!r}: that run's model differs from `model` "
                           "(parameter shapes/dtypes); use the same model config.")
-    params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), src.params, ts.params)
     return ts.replace(params=params)
+
+
+def merge_params(dst: Any, src: Any) -> Any:
+    """`dst`'s tree with `src`'s arrays (placed like `dst`'s); a value head (`value_kernel`, `value_bias`) that
+    `dst` has and `src` lacks stays `dst`'s fresh one (a reward model or critic from an SFT run). None when
+    anything else differs (a missing or extra parameter, a shape or dtype)."""
+    dst_leaves, treedef = jax.tree_util.tree_flatten_with_path(dst)
+    src_map = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(src)[0]}
+    out, used = [], 0
+    for path, d in dst_leaves:
+        k = jax.tree_util.keystr(path)
+        if k in src_map:
+            v = src_map[k]
+            if (v.shape, v.dtype) != (d.shape, d.dtype):
+                return None
+            out.append(jax.device_put(v, d.sharding))
+            used += 1
+        elif "value_kernel" in k or "value_bias" in k:
+            out.append(d)
+        else:
+            return None
+    return jax.tree_util.tree_unflatten(treedef, out) if used == len(src_map) else None
 
 
 # ----------------------------------------------------------------------------------------------

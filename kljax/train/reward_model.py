@@ -15,7 +15,7 @@ mean (r_w − r_l), `rewards/chosen`, `rewards/rejected`; evaluation the same on
 Data: any task whose records carry `chosen`/`chosen_valid`/`rejected`/`rejected_valid` (right-padded)
 next to the left-padded `prompt`: the `files` task with `task.chosen_key` and `task.rejected_key`.
 Model: `model.hf_path` (a Hugging Face checkpoint; its head is new), `init_from` a run with the same
-model (value head included), or a fresh `model` config.
+model (an SFT run without a value head gives its trunk; the head is new), or a fresh `model` config.
 
 Config (besides the common schema): `reward_model.center_coef` (float, default 0).
 `sequence_rewards` is the scoring function a trained reward model is used through.

@@ -14,7 +14,8 @@ One loop step (one *roll-out*):
 4. run `rl.updates_per_rollout` epochs of minibatch updates (`rl.minibatch_size` rows = whole
    groups) with `objective(batch, **hparams)`, where the batch carries the rewards and
    `group_size` (the objective's own advantage estimator, `rl.advantage = "objective"`) or
-   precomputed advantages (`"group_mean_std"`, `"group_mean"`, `"leave_one_out"`, `"batch"`);
+   precomputed advantages (`"group_mean_std"`, `"group_mean"`, `"leave_one_out"`, `"batch"`, or `"gae"`:
+   PPO with a critic, below);
 5. reference: `rl.reference = "fixed"` keeps `init_from`'s params; `"reset"` replaces the reference by
    the current policy every `rl.reset_every` roll-outs (RPG's iterative reference / ProRL's reset).
 
@@ -22,6 +23,16 @@ Several processes: each samples and scores its own prompts (its grain shard; a g
 are made in one process), the rewards become one global array, and advantages, minibatch selection
 (one permutation from the step's seed on every process) and metrics use the global arrays, so the
 numbers process 0 prints describe the whole batch. DAPO's dynamic sampling stays single-process.
+
+PPO with a critic (`rl.advantage = "gae"`, InstructGPT/Ziegler et al. 2019): the critic shares the
+policy's trunk (`model.value_head = "scalar"`, V(h_t) read at the hidden state that predicts token t).
+Per-token rewards r_t = R·1[t = last] − β·k1_t with k1_t = log π_old(y_t|h_t) − log π_ref(y_t|h_t);
+advantages and returns by `advantages.gae(r, V_old, mask, rl.gamma, rl.lam)` (whitened over the
+roll-out when `rl.whiten_advantages`); loss = objective (PPO-clip, its own `beta` = 0) +
+`rl.vf_coef` · `value.clipped_value_loss(V, V_old, returns, clip_eps=rl.value_clip)`. β = `rl.kl_coef`;
+with `rl.kl_target` > 0 it adapts after each roll-out by `advantages.adaptive_kl_beta` (Ziegler et al.'s
+controller, horizon `rl.kl_horizon` samples) and is checkpointed. Metrics `objective/kl` (mean sequence
+k1 of the roll-out), `kl_coef`, `value_loss`, `value_clipfrac`.
 
 `total_steps` counts roll-outs; each runs `updates_per_rollout × rollout_rows / minibatch_size`
 optimizer updates (`optim.total_steps` defaults to that product for the schedule).
@@ -48,7 +59,10 @@ from kljax.sampling import generate
 from kljax.tasks.rewards import RewardError
 from kljax.train import common, sharding as shd, state as state_lib
 
-ADVANTAGES = ("objective", "group_mean_std", "group_mean", "leave_one_out", "batch")
+ADVANTAGES = ("objective", "group_mean_std", "group_mean", "leave_one_out", "batch", "gae")
+# rl.* fields of PPO with a critic (rl.advantage = "gae") and their defaults.
+GAE_DEFAULTS = dict(gamma=1.0, lam=0.95, vf_coef=0.1, value_clip=0.2, kl_coef=0.05, kl_target=0.0,
+                    kl_horizon=10000.0, whiten_advantages=True)
 # Objectives whose default advantage needs a group of samples per prompt (group_size >= 2).
 _NO_GROUP_NEEDED = ("ppo", "reinforce_pp", "apo")
 
@@ -59,6 +73,7 @@ class RLState:
     train: state_lib.TrainState
     ref_params: Any
     step: jax.Array
+    kl_coef: Any = None  # β of the per-token KL reward (rl.advantage = "gae"; adapted with rl.kl_target)
 
 
 def _rl(cfg):
@@ -97,6 +112,8 @@ def validate(cfg: Any, check_paths: bool = True) -> None:
         raise ConfigError(f"config field `rl.group_size` = {g}: objective {name!r} with rl.advantage={adv!r} uses a "
                           "group baseline, which is 0 for a single sample (no learning signal); use "
                           "rl.group_size >= 2 or rl.advantage='batch'.")
+    if adv == "gae":
+        _validate_gae(cfg, name)
     require(cfg, "rl.old_logp", lambda v: v in ("auto", "sampler", "recompute"),
             "use 'auto' (the sampler's log-probs when sampling is untempered and untruncated), 'sampler' or "
             "'recompute' (a forward pass of the policy before the update).", default="auto")
@@ -133,6 +150,53 @@ def validate(cfg: Any, check_paths: bool = True) -> None:
     if name == "kdrl" and not r.get("teacher_from", ""):
         raise ConfigError("objective 'kdrl' needs a teacher: set config field `rl.teacher_from` to a trained run's "
                           "workdir.")
+
+
+def _gae_opts(cfg: Any) -> dict:
+    return {k: cfg.rl.get(k, v) for k, v in GAE_DEFAULTS.items()}
+
+
+def _validate_gae(cfg: Any, name: str) -> None:
+    require(cfg, "model.value_head", lambda v: v == "scalar",
+            "rl.advantage='gae' trains a critic on the policy's trunk: set model.value_head='scalar'.")
+    if name not in ("ppo", "reinforce"):
+        raise ConfigError(f"config field `objective.name` = {name!r}: rl.advantage='gae' feeds per-token advantages "
+                          "to 'ppo' (PPO with a critic) or 'reinforce'.")
+    if float(cfg.objective.get("beta", 0.0) or 0.0) != 0.0:
+        raise ConfigError("config field `objective.beta` must be 0 with rl.advantage='gae': the KL penalty is "
+                          "rl.kl_coef, in the per-token reward (set --config.objective.beta=0).")
+    o = _gae_opts(cfg)
+    for k in ("gamma", "lam"):
+        if not 0.0 <= float(o[k]) <= 1.0:
+            raise ConfigError(f"config field `rl.{k}` = {o[k]!r}: use a value in [0, 1].")
+    for k in ("vf_coef", "kl_coef", "kl_target"):
+        if not float(o[k]) >= 0.0:
+            raise ConfigError(f"config field `rl.{k}` = {o[k]!r}: use a value >= 0.")
+    if o["value_clip"] is not None and not float(o["value_clip"]) > 0:
+        raise ConfigError(f"config field `rl.value_clip` = {o['value_clip']!r}: use a value > 0 (None: no clip).")
+    if not float(o["kl_horizon"]) > 0:
+        raise ConfigError(f"config field `rl.kl_horizon` = {o['kl_horizon']!r}: use a positive number of samples.")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _old_values(graphdef, params, rest, seq, valid, prompt_len):
+    """Critic values V(h_t) [B, N] of the completion tokens (the scalar head at the predicting position)."""
+    model = nnx.merge(graphdef, params, rest)
+    h = model.hidden(seq, positions=common.positions_from_valid(valid), valid=valid)[:, prompt_len - 1:-1]
+    return model.values(h)
+
+
+@functools.partial(jax.jit, static_argnums=(6, 7, 8))
+def _gae_batch(rewards, old_logp, ref_logp, values, mask, beta, gamma, lam, whiten):
+    """Per-token rewards R·1[last] − β·k1, GAE advantages (whitened) and returns, mean sequence k1."""
+    m = mask.astype(jnp.float32)
+    k1 = (old_logp - ref_logp) * m
+    last = jax.nn.one_hot(jnp.sum(m, -1).astype(jnp.int32) - 1, m.shape[1], dtype=m.dtype) * m
+    token_r = rewards[:, None] * last - beta * k1
+    adv, ret = adv_lib.gae(token_r, values, m, gamma, lam)
+    if whiten:
+        adv = ops.masked_whiten(adv, m)
+    return adv, ret, jnp.mean(jnp.sum(k1, -1))
 
 
 def _objective_kwargs(cfg: Any, group_size: int) -> tuple[Any, dict]:
@@ -232,17 +296,26 @@ def update_vocab_tile(cfg: Any, kw: dict, model: Any) -> int:
 def make_rl_loss(cfg: Any, prompt_len: int, group_size: int):
     """`loss_fn(model, batch, rng)` running the configured policy objective on one minibatch."""
     fn, kw = _objective_kwargs(cfg, group_size)
+    critic = cfg.rl.get("advantage", "objective") == "gae"
+    if critic:
+        from kljax.objectives.value import clipped_value_loss
+        o = _gae_opts(cfg)
+        vf_coef, vclip = float(o["vf_coef"]), (None if o["value_clip"] is None else float(o["value_clip"]))
 
     def loss_fn(model, batch, rng):
         del rng
-        tile = update_vocab_tile(cfg, kw, model)  # a Python int at trace time
-        if tile:
+        ent = None
+        if critic:  # one trunk pass for the policy's logits and the critic's values
+            seq, valid = batch["sequences"], batch["valid"]
+            h = model.hidden(seq, positions=common.positions_from_valid(valid), valid=valid)[:, prompt_len - 1:-1]
+            logits = model.logits_from_hidden(h)
+            logp = ops.token_logprobs(logits, seq[:, prompt_len:])
+        elif tile := update_vocab_tile(cfg, kw, model):  # a Python int at trace time
             logp, ent = common.completion_logp_entropy_tiled(model, batch["sequences"], batch["valid"],
                                                              prompt_len, tile)
             logits = None
         else:
             logp, logits = common.completion_logp(model, batch["sequences"], batch["valid"], prompt_len)
-            ent = None
         ob = {"logp": logp, "logits": logits, "old_logp": batch["old_logp"], "ref_logp": batch["ref_logp"],
               "mask": batch["mask"]}
         for k in ("rewards", "advantages", "ref_logits", "teacher_logp"):
@@ -250,6 +323,11 @@ def make_rl_loss(cfg: Any, prompt_len: int, group_size: int):
                 ob[k] = batch[k]
         loss, m = fn(ob, **kw)
         m = dict(m)
+        if critic:
+            vloss, vm = clipped_value_loss(model.values(h), batch["old_values"], batch["returns"], batch["mask"],
+                                           clip_eps=vclip)
+            loss = loss + vf_coef * vloss
+            m.update(vm)
         ent = ops.entropy(logits) if ent is None else ent
         m.setdefault("entropy", ops.masked_mean(jax.lax.stop_gradient(ent), batch["mask"]))
         return loss, m
@@ -279,8 +357,10 @@ def run(cfg: Any, workdir: str) -> dict:
     if r.get("teacher_from", ""):
         teacher_ts, _ = common.load_state_from(r.teacher_from, mesh)
         teacher = (teacher_ts.graphdef, teacher_ts.params, teacher_ts.model_state)
+    gae_opts = _gae_opts(cfg)
     state = RLState(train=ts, ref_params=ref_params,
-                    step=jax.device_put(jnp.zeros((), jnp.int32), shd.replicated(mesh)))
+                    step=jax.device_put(jnp.zeros((), jnp.int32), shd.replicated(mesh)),
+                    kl_coef=jax.device_put(jnp.asarray(float(gae_opts["kl_coef"]), jnp.float32), shd.replicated(mesh)))
 
     exact = cfg.objective.get("kl_estimator", "") == "exact"
     adv_kind = r.get("advantage", "objective")
@@ -385,7 +465,19 @@ def run(cfg: Any, workdir: str) -> dict:
                 raise e.at_step(step + 1) from e
             reward_stats["time/reward_wait_s"] = time.perf_counter() - t0
         full["rewards"] = rw
-        if adv_kind != "objective":  # every process computes the same advantages from the global rewards
+        kl_coef = st.kl_coef
+        gae_stats = {}
+        if adv_kind == "gae":  # PPO with a critic: per-token KL reward, GAE, critic targets
+            old_values = _old_values(train.graphdef, train.params, train.model_state, seq, valid, P)
+            a, ret, seq_kl = _gae_batch(rw, old_logp, ref_logp, old_values, mask, kl_coef,
+                                        float(gae_opts["gamma"]), float(gae_opts["lam"]),
+                                        bool(gae_opts["whiten_advantages"]))
+            full.update(advantages=a.astype(jnp.float32), old_values=old_values, returns=ret)
+            gae_stats = {"objective/kl": float(seq_kl), "kl_coef": float(kl_coef)}
+            if float(gae_opts["kl_target"]) > 0:  # Ziegler et al.'s adaptive controller, n_steps = roll-out rows
+                kl_coef = adv_lib.adaptive_kl_beta(kl_coef, seq_kl, float(gae_opts["kl_target"]),
+                                                   float(gae_opts["kl_horizon"]), rows)
+        elif adv_kind != "objective":  # every process computes the same advantages from the global rewards
             a = {"group_mean_std": lambda: adv_lib.group_normalized(rw, G),
                  "group_mean": lambda: adv_lib.group_mean(rw, G),
                  "leave_one_out": lambda: adv_lib.leave_one_out(rw, G)}.get(adv_kind,
@@ -411,11 +503,12 @@ def run(cfg: Any, workdir: str) -> dict:
         out["num_updates"] = float(n)
         out.update(ds_stats)
         out.update(reward_stats)
+        out.update(gae_stats)
         new_ref = st.ref_params
         if r.get("reference", "fixed") == "reset" and (step + 1) % int(r.reset_every) == 0:
             new_ref = jax.tree.map(lambda x: x.copy(), train.params)
             out["reference_reset"] = 1.0
-        return RLState(train=train, ref_params=new_ref, step=st.step + 1), out
+        return RLState(train=train, ref_params=new_ref, step=st.step + 1, kl_coef=kl_coef), out
 
     try:
         return common.run_loop(cfg, workdir, state=state, step_fn=step_fn, batches=_PromptIter(prompts),
