@@ -77,6 +77,7 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/kljax_bench_scaling")
     a = p.parse_args()
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # simulated CPU devices, also in the runs it starts
     pre = os.path.join(a.workdir, "sft")
     if not os.path.exists(os.path.join(pre, "eval.json")):
         run(["--config=experiments/arithmetic.py:pretrain", f"--workdir={pre}", "--config.total_steps=50",
