@@ -232,7 +232,7 @@ def _variant_grads(run, logits, d):
             for label, hp in run.variants.items()}
 
 
-def _check_policy_result(run, logits, d):
+def assert_policy_result_finite(run, logits, d):
     res = run(logits, d)
     bad = _finite_tree(res)
     if bad and any("grad" in b for b in bad):
@@ -266,7 +266,7 @@ def _runner(key, make):
 def test_policy_objective_finite(name, case):
     run = _runner(("policy", name), lambda: _policy_runner(name, _policy_variants(name)))
     d = {k: v for k, v in case.items() if k != "logits"}
-    _check_policy_result(run, case["logits"], d)
+    assert_policy_result_finite(run, case["logits"], d)
     CASES[f"policy/{name}"] += 1
 
 
@@ -290,7 +290,7 @@ def test_every_kl_placement_finite(name, case):
     variants = {k: dict(v, beta=0.5, group_size=G) for k, v in KL_GRIDS[name].items()}
     run = _runner(("grid", name), lambda: _policy_runner(name, variants))
     d = {k: v for k, v in case.items() if k != "logits"}
-    _check_policy_result(run, case["logits"], d)
+    assert_policy_result_finite(run, case["logits"], d)
     CASES[f"kl_grid/{name}"] += 1
 
 
