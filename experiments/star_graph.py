@@ -18,13 +18,12 @@ Args (comma-separated; add `smoke` for a few steps with a tiny model on a tiny g
   main_large the same pipeline on G(2,5,50).
   ,small     (with pretrain or an RL arg) use G(2,3,20) instead of G(2,5,50).
 
-Main job (`python -m kljax.main`, G(2,3,20), fresh ~/.cache data dir so graph generation included):
-3 min 9 s wall on this 2-core CPU while other jobs ran (load average 6-8); 3 min 3 s on the idle machine with
-the data cached. Result (512 test graphs):
+Main job (`python -m kljax.main`, G(2,3,20), fresh data dir so graph generation included):
+2 min 43 s wall on the idle 2-core CPU (2026-12-02). Result (512 test graphs):
   | stage    | method             | path accuracy (greedy) | KL to ref (nats/token) | wall (s) |
-  | pretrain | SFT                | 0.510                  | —                      | 106      |
-  | grpo     | GRPO β=0.04        | 0.482                  | 0.134                  | 28       |
-  | rpg_ufkl | RPG-UFKL β=0.04    | 0.453                  | 0.150                  | 24       |
+  | pretrain | SFT                | 0.510                  | —                      | 81       |
+  | grpo     | GRPO β=0.04        | 0.467                  | 0.128                  | 27       |
+  | rpg_ufkl | RPG-UFKL β=0.04    | 0.449                  | 0.161                  | 24       |
 The reference sits on the Clever-Hans plateau (≈ 0.5: a coin flip at the first node) and 100
 roll-outs of either RL method do not fix it (training reward ≈ 0.2-0.6 per batch, no upward trend).
 
