@@ -513,7 +513,8 @@ def run(cfg: Any, workdir: str) -> dict:
     try:
         return common.run_loop(cfg, workdir, state=state, step_fn=step_fn, batches=_PromptIter(prompts),
                                eval_fn=eval_fn,
-                               bar_keys=("reward", "kl", "kl_forward", "entropy", "loss"), desc=f"rl {cfg.objective.name}")
+                               bar_keys=("reward", "kl", "kl_forward", "entropy", "loss"),
+                               desc=f"rl {cfg.objective.name}")
     finally:
         pool.shutdown(wait=False)
 
