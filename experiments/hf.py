@@ -27,6 +27,13 @@ Args (comma-separated; add `smoke` for a few steps on a tiny local model, as the
              --config.model.hf_path=/models/Qwen2.5-0.5B-Instruct --config.task.reward=model:runs/hf/rm \\
              --config.task.train_files=data/prompts.jsonl --config.task.test_files=data/prompts_test.jsonl
 
+  distill  on-policy distillation (GKD, JSD β = 0.5, λ = 0.5) into model.hf_path from a larger teacher
+         that shares its tokenizer:
+         python -m kljax.main --config=experiments/hf.py:distill --workdir=runs/hf/distill \\
+             --config.model.hf_path=/models/Qwen2.5-0.5B-Instruct \\
+             --config.distill.teacher_hf_path=/models/Qwen2.5-1.5B-Instruct \\
+             --config.task.train_files=data/gsm8k_train.jsonl --config.task.test_files=data/gsm8k_test.jsonl
+
 Data: rows with `question` and `answer` (GSM8K's layout: the answer is a worked solution ending in
 `#### 42`); other layouts via --config.task.prompt_key / answer_key / completion_key; a prepared tfds
 dataset instead of files via --config.task.tfds_name=gsm8k/main (train_split, test_split). Prompts go through
@@ -155,7 +162,34 @@ def ppo_config(smoke: bool) -> ml_collections.ConfigDict:
     return c
 
 
-CONFIGS = {"sft": sft_config, "grpo": grpo_config, "reward_model": reward_model_config, "ppo": ppo_config}
+def distill_config(smoke: bool) -> ml_collections.ConfigDict:
+    """On-policy distillation (GKD): generalized JSD(β = 0.5) from a larger Hugging Face teacher that shares
+    the student's tokenizer, on the student's own samples half of the time (λ = 0.5), the dataset's
+    completions otherwise."""
+    c = base_config("distill")
+    _model(c, smoke)
+    c.task = _task(smoke)
+    c.task.completion_key = "answer"
+    c.task.reward = ""
+    c.objective = ml_collections.ConfigDict(dict(name="jsd", beta=0.5))
+    c.distill = ml_collections.ConfigDict(dict(
+        teacher_from="", teacher_hf_path="",  # teacher_hf_path: a Hugging Face folder (same tokenizer)
+        data="student", lam=0.5, temperature=1.0, teacher_smoothing=0.0, phi=0.5, replay_size=0,
+        replay_ratio="decreasing"))
+    c.optim.learning_rate = 1e-5
+    c.optim.warmup_steps = 20
+    c.total_steps, c.batch_size = 500, 32
+    c.eval_every, c.checkpoint.every = 250, 250
+    c.eval.num_examples, c.eval.batch_size = 256, 64
+    if smoke:
+        _smoke(c)
+        c.total_steps = 2
+        c.optim.learning_rate = 3e-3
+    return c
+
+
+CONFIGS = {"sft": sft_config, "grpo": grpo_config, "reward_model": reward_model_config, "ppo": ppo_config,
+           "distill": distill_config}
 
 
 def get_config(arg: str = "grpo") -> ml_collections.ConfigDict:

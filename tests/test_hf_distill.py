@@ -75,3 +75,24 @@ def test_other_tokenizer_is_an_error(folders, tmp_path):
     both.distill.teacher_from = "runs/x"
     with pytest.raises(ConfigError, match="not both"):
         common.validate(both)
+
+
+@pytest.mark.slow
+def test_experiment_distill_arg_runs_on_policy_from_the_hf_teacher(folders):
+    """`experiments/hf.py:distill,smoke` with the user's folders: GKD on the student's own samples."""
+    import os
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = common.load_config_file(os.path.join(repo, "experiments", "hf.py") + ":distill,smoke")
+    with cfg.unlocked():
+        cfg.model.hf_path = folders["student"]
+        cfg.distill.teacher_hf_path = folders["teacher"]
+        cfg.distill.lam = 1.0  # every batch from the student
+        cfg.task.update(train_files=folders["data"], prompt_key="prompt", completion_key="completion",
+                        answer_key="", data_dir=str(folders["root"] / "data_exp"))
+    common.validate(cfg)
+    wd = str(folders["root"] / "run_exp")
+    result = distill.run(cfg, wd)
+    rows = [json.loads(line) for line in open(f"{wd}/metrics.jsonl") if '"loss"' in line]
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    assert all(r["data/student_frac"] == 1.0 for r in rows)
+    assert np.isfinite(result["eval/fkl"]) and result["eval/fkl"] >= 0
