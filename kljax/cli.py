@@ -341,12 +341,12 @@ def param_count(cfg: Any) -> int:
     """Number of trainable parameters of `cfg.model` (abstract: nothing is allocated)."""
     import jax
     from flax import nnx
-    from kljax.train import common
+    from kljax.train import setup as setup_lib
     if cfg.get("loop", "") == "distill" and "num_classes" in cfg.model:
         from kljax.train.distill import model_from_config
         build = lambda: model_from_config(cfg.model, nnx.Rngs(0))  # noqa: E731
     else:
-        mc = common.model_config(cfg)
+        mc = setup_lib.model_config(cfg)
         from kljax.models import TransformerLM
         build = lambda: TransformerLM(mc, rngs=nnx.Rngs(0))  # noqa: E731
     model = nnx.eval_shape(build)
@@ -357,7 +357,7 @@ def dry_run(cfg: Any, plan: Plan, workdir: str | None) -> None:
     """Print the resolved config (fields differing from the experiment's defaults marked `*`), the
     mesh and the parameter count. Writes nothing."""
     import jax
-    from kljax.train import common
+    from kljax.train import setup as setup_lib
     now, base = _flat(cfg), _flat(plan.defaults) if plan.defaults is not None else {}
     print(f"config {plan.spec} (validated; * = differs from the experiment's default):")
     for k in sorted(now):
@@ -372,7 +372,7 @@ def dry_run(cfg: Any, plan: Plan, workdir: str | None) -> None:
         stages = [(name, s) for name, s, _ in pipeline.stage_configs(cfg, workdir or "<workdir>")]
     for name, s in stages:
         label = f"stage {name}: " if name else ""
-        mesh = common.build_mesh(s)
+        mesh = setup_lib.build_mesh(s)
         print(f"{label}mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
               f"{param_count(s):,} parameters")
     print(f"workdir: {workdir or '(none given)'} — nothing was written (dry run).")

@@ -9,7 +9,7 @@ import pytest
 
 import hf_fixtures as hfx
 from kljax.config import ConfigError, base_config
-from kljax.train import common, distill
+from kljax.train import common, distill, setup as setup_lib
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,8 @@ def kd_config(f, teacher, steps=2):
 def test_distill_from_larger_hf_teacher_with_padded_vocabulary(folders):
     cfg = kd_config(folders, folders["teacher"])
     common.validate(cfg)
-    task = common.build_task(cfg)
-    teacher = distill._Teacher(cfg, task, common.build_mesh(cfg))
+    task = setup_lib.build_task(cfg)
+    teacher = distill._Teacher(cfg, task, setup_lib.build_mesh(cfg))
     assert teacher.vocab == 320  # min(384, 320), both >= the tokenizer's 300 ids
     wd = str(folders["root"] / "run")
     result = distill.run(cfg, wd)
@@ -59,7 +59,7 @@ def test_vocabulary_below_the_tokenizer_is_an_error_naming_both(folders, tmp_pat
     small = tmp_path / "small"
     hfx.make_model(small, "qwen2", vocab_size=256)  # fewer rows than the tokenizer's 300 ids
     cfg = kd_config(folders, str(small))
-    task = common.build_task(cfg)
+    task = setup_lib.build_task(cfg)
     with pytest.raises(ConfigError, match=r"teacher vocabulary 256 and student vocabulary 320"):
         distill._Teacher(cfg, task)
 
@@ -70,7 +70,7 @@ def test_other_tokenizer_is_an_error(folders, tmp_path):
     hfx.make_model(other, "llama", vocab_size=320)
     cfg = kd_config(folders, str(other))
     with pytest.raises(ConfigError, match="tokenizer"):
-        distill._Teacher(cfg, common.build_task(cfg))
+        distill._Teacher(cfg, setup_lib.build_task(cfg))
     both = kd_config(folders, str(other))
     both.distill.teacher_from = "runs/x"
     with pytest.raises(ConfigError, match="not both"):
