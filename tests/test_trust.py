@@ -242,6 +242,24 @@ def test_finished_run_rerun_changes_nothing(tmp_path, capsys, reference_run):
     assert tb == sorted(os.listdir(os.path.join(wd, "tensorboard")))
 
 
+def test_nan_between_log_steps_is_caught_at_its_step_before_any_checkpoint(tmp_path):
+    """Metrics are fetched every log_every steps; a NaN at a step in between is still named exactly,
+    and the checkpoint due at that fetch is not written."""
+    def nan_at_5(state, batch):
+        state, m = tiny_step(state, batch)
+        return state, {"loss": jnp.where(state.step == 5, jnp.nan, m["loss"])}
+
+    cfg = tiny_cfg(total=12, every=6)
+    cfg.log_every = 4
+    wd = str(tmp_path)
+    with pytest.raises(metrics.NonFiniteMetricError, match=r"at step 5: loss=nan.*no checkpoint yet"):
+        run_tiny(wd, cfg, step_fn=nan_at_5)
+    assert restored(wd, cfg)[0] == []  # the step-6 checkpoint was never written
+    rows = metrics.read_metrics(wd)
+    assert [r["step"] for r in rows] == [4]  # logged at the cadence only, with the window's mean step time
+    assert rows[0]["time/step_s"] > 0
+
+
 def test_disk_full_stops_at_once_and_checkpoint_restores(tmp_path, monkeypatch, reference_run):
     wd = str(tmp_path)
     real = metrics.Writer.write

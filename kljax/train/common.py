@@ -27,7 +27,6 @@ jits, as RL's roll-out + updates), an iterator of batches with `get_state`/`set_
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -552,8 +551,10 @@ def run_loop(cfg: Any, workdir: str, *, state: Any, step_fn: Callable[[Any, Any]
     eval_fn(state) -> metrics (names like "eval/accuracy"): every `cfg.eval_every` steps, at the end.
     on_restore(state) -> state: hook after a restore (e.g. rebuild non-checkpointed caches).
 
-    Every step: NaN/inf metrics stop the run with the step, the metric and the last good checkpoint
-    (`NonFiniteMetricError`); metrics every `cfg.log_every` steps to metrics.jsonl + TensorBoard;
+    Metrics are fetched from the device every `cfg.log_every` steps (and before an eval, a checkpoint,
+    a stop and the last step), never by a host sync each step: then NaN/inf in any step since the last
+    fetch stops the run with that step, the metric and the last good checkpoint (`NonFiniteMetricError`),
+    and the last step's metrics go to metrics.jsonl + TensorBoard (`time/step_s`: mean over the window);
     checkpoints every `cfg.checkpoint.every` steps, at the end, with the eval metrics (best kept).
     Writes `workdir/eval.json` with the final evaluation (plus `step` and `wall_s`).
     """
@@ -591,32 +592,35 @@ def run_loop(cfg: Any, workdir: str, *, state: Any, step_fn: Callable[[Any, Any]
         try:
             stop.__enter__()
             step = start
+            pending: list[tuple[int, Mapping[str, Any]]] = []  # steps whose metrics are still on device
+            window = (time.perf_counter(), start)
             while step < total:
-                t_step = time.perf_counter()
                 batch = next(batches) if batches is not None else None
                 state, m = step_fn(state, batch)
                 step += 1
-                m = dict(m)
-                metrics_lib.check_finite(m, step, mgr.latest_step(), workdir)  # waits for the step's values
-                m["time/step_s"] = time.perf_counter() - t_step
-                ev = None
-                if eval_fn is not None and eval_every and step % eval_every == 0 and step < total:
-                    ev = eval_fn(state)
-                    m.update(ev)
-                    last_eval = ev
-                if step % log_every == 0 or ev is not None or step == total:
-                    writer.write(step, m)
+                pending.append((step, m))
+                eval_now = bool(eval_fn is not None and eval_every and step % eval_every == 0 and step < total)
+                ckpt_now = step < total and step % mgr.every == 0
+                stopping = step < total and stop.should_stop(step)
+                if not (eval_now or ckpt_now or stopping or step == total or step % log_every == 0):
+                    bar.update(step)  # no host sync: metrics are fetched and checked at the logging cadence
+                    continue
+                # Every pending step is checked before anything is saved, so a checkpoint never holds NaNs.
+                m = _fetch_checked(pending, mgr, workdir)
+                now = time.perf_counter()
+                m["time/step_s"] = (now - window[0]) / max(1, step - window[1])  # mean over the window
+                window = (now, step)
+                if eval_now:
+                    last_eval = eval_fn(state)
+                    m.update(last_eval)
+                writer.write(step, m)
                 bar.update(step, m)
-                if step < total and step % mgr.every == 0:
-                    has = ev is not None and best_metric in (ev or {})
-                    if best_metric and not has:
-                        ev_for_ckpt = None
-                    else:
-                        ev_for_ckpt = ev
+                if ckpt_now:
+                    ev_for_ckpt = last_eval if eval_now and best_metric in last_eval else None
                     mgr.save(step, state, batches.get_state() if batches is not None else None,
                              metrics=ev_for_ckpt if best_metric else None)
                 mgr.check()  # a failed background save stops the run
-                if step < total and stop.should_stop(step):
+                if stopping:
                     if mgr.latest_step() != step:
                         mgr.save(step, state, batches.get_state() if batches is not None else None, force=True)
                     mgr.wait()
@@ -638,6 +642,18 @@ def run_loop(cfg: Any, workdir: str, *, state: Any, step_fn: Callable[[Any, Any]
     result.update(step=total, wall_s=time.time() - t0)
     write_eval(workdir, result)
     return result
+
+
+def _fetch_checked(pending: list, mgr: checkpoint.Manager, workdir: str) -> dict:
+    """The last pending step's metrics as Python scalars, after checking every pending step for NaN/inf.
+
+    One host transfer for the whole window; the first non-finite step is the one reported.
+    """
+    values = jax.device_get([dict(m) for _, m in pending])
+    for (step, _), m in zip(pending, values):
+        metrics_lib.check_finite(m, step, mgr.latest_step(), workdir)
+    pending.clear()
+    return dict(metrics_lib.to_python(values[-1]))
 
 
 def _finished_results(workdir: str, mgr: checkpoint.Manager, total: int) -> dict | None:
