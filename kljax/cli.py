@@ -453,7 +453,10 @@ FIELD_DOCS: dict[str, str] = {
     "rl.top_k": "top-k sampling (0 = off)",
     "rl.top_p": "nucleus sampling (1 = off)",
     "rl.max_new_tokens": "completion length (0 = task's)",
-    "rl.advantage": "objective | group_mean_std | group_mean | leave_one_out | batch",
+    "rl.advantage": "objective | group_mean_std | group_mean | leave_one_out | batch | gae (PPO with a critic)",
+    "rl.critic": "gae: shared (value head on the policy's trunk, model.value_head='scalar') | separate (a second "
+                 "model with its own optimizer; model.value_head='none')",
+    "rl.critic_lr": "gae with rl.critic='separate': the critic's learning rate (None = optim.learning_rate)",
     "rl.reference": "fixed (init_from) | reset (to the policy every reset_every roll-outs)",
     "rl.reset_every": "roll-outs between reference resets",
     "rl.dynamic_sampling": "DAPO: drop groups with equal rewards and resample",

@@ -29,7 +29,7 @@ PPO with a critic (`rl.advantage = "gae"`, InstructGPT/Ziegler et al. 2019): wit
 state that predicts token t); with `rl.critic = "separate"` it is a second model of the policy's
 architecture with a scalar head (the policy keeps `model.value_head = "none"`), its trunk initialized
 from the policy's initial params (= the reference), its own optimizer (`optim` with learning rate
-`rl.critic_lr`, default `optim.learning_rate`), trained on the same minibatches by
+`rl.critic_lr`; 0 or None = `optim.learning_rate`), trained on the same minibatches by
 `rl.vf_coef` · clipped value loss, and checkpointed in `RLState.critic`.
 Per-token rewards r_t = R·1[t = last] − β·k1_t with k1_t = log π_old(y_t|h_t) − log π_ref(y_t|h_t);
 advantages and returns by `advantages.gae(r, V_old, mask, rl.gamma, rl.lam)` (whitened over the
@@ -123,7 +123,7 @@ def validate(cfg: Any, check_paths: bool = True) -> None:
         _validate_gae(cfg, name)
     else:
         for k in ("critic", "critic_lr"):
-            if r.get(k, None) not in (None, "shared"):
+            if r.get(k, None) not in (None, "shared", 0, 0.0):
                 raise ConfigError(f"config field `rl.{k}` = {r.get(k)!r} configures PPO's critic, which only "
                                   "rl.advantage='gae' trains; set rl.advantage='gae' or remove the field.")
     require(cfg, "rl.old_logp", lambda v: v in ("auto", "sampler", "recompute"),
@@ -182,7 +182,7 @@ def _validate_gae(cfg: Any, name: str) -> None:
         require(cfg, "model.value_head", lambda v: v == "scalar",
                 "rl.advantage='gae' with rl.critic='shared' trains a critic on the policy's trunk: set "
                 "model.value_head='scalar' (or rl.critic='separate' for a second value model).")
-        if cfg.rl.get("critic_lr", None) is not None:
+        if cfg.rl.get("critic_lr", None):
             raise ConfigError("config field `rl.critic_lr` is the separate critic's learning rate; with "
                               "rl.critic='shared' the value head trains with the policy (optim.learning_rate): "
                               "remove it or set rl.critic='separate'.")
@@ -191,8 +191,8 @@ def _validate_gae(cfg: Any, name: str) -> None:
                 "with rl.critic='separate' the critic is its own model with its own scalar head; the policy "
                 "needs none: set model.value_head='none' (or rl.critic='shared' to use the policy's head).",
                 default="none")
-        require(cfg, "rl.critic_lr", lambda v: v is None or float(v) > 0,
-                "use a positive learning rate for the critic (None: optim.learning_rate).", default=None)
+        require(cfg, "rl.critic_lr", lambda v: v is None or float(v) >= 0,
+                "use a positive learning rate for the critic (0 or None: optim.learning_rate).", default=None)
     if name not in ("ppo", "reinforce"):
         raise ConfigError(f"config field `objective.name` = {name!r}: rl.advantage='gae' feeds per-token advantages "
                           "to 'ppo' (PPO with a critic) or 'reinforce'.")
@@ -390,7 +390,7 @@ def critic_config(cfg: Any) -> Any:
     c = cfg.copy_and_resolve_references()
     with c.unlocked():
         c.model.value_head = "scalar"
-        if cfg.rl.get("critic_lr", None) is not None:
+        if cfg.rl.get("critic_lr", None):  # 0 / None: the policy's learning rate
             c.optim.learning_rate = float(cfg.rl.critic_lr)
     return c
 
