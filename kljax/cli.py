@@ -482,6 +482,9 @@ FIELD_DOCS: dict[str, str] = {
     "qsharp.etas": "guidance strengths η evaluated",
     "qsharp.rollin_eta": "η of the roll-in policy",
     "qsharp.guidances": "qsharp and/or cd guidance evaluated",
+    "qsharp.top_k": "guide only π_ref's top-k next tokens (0 = all)",
+    "qsharp.top_k_rest": "tokens outside the top-k: mask (−inf, never sampled; Q♯ star-graph code) | reference "
+                         "(their unguided reference logits; Q♯ math code)",
     "preference": "offline preference optimization (kljax/train/preference.py)",
     "preference.num_pairs": "preference pairs collected",
     "preference.max_tries": "samples tried per prompt to find a rejected completion",
