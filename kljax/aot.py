@@ -180,10 +180,15 @@ def rl_functions(cfg, mesh, task) -> list[tuple[str, Any]]:
     sample_kw = dict(temperature=float(r.get("temperature", 1.0)), top_k=int(r.get("top_k", 0)),
                      top_p=float(r.get("top_p", 1.0)))
     rows = n_prompts * G
-    return [("train_step (one minibatch)", _lower_step(rl.make_rl_loss(cfg, P, G), cfg, mesh, ts, batch, sched_cfg)),
-            ("rollout_sampler (prefill+decode)", _lower_sampler(ts, mesh, rows, P, N, task.eos_id, task.pad_id,
-                                                                sample_kw)),
-            ("old_policy/reference forward", _lower_logp(ts, mesh, rows, P + N, P, mb))]
+    out = [("train_step (one minibatch)", _lower_step(rl.make_rl_loss(cfg, P, G), cfg, mesh, ts, batch, sched_cfg)),
+           ("rollout_sampler (prefill+decode)", _lower_sampler(ts, mesh, rows, P, N, task.eos_id, task.pad_id,
+                                                               sample_kw)),
+           ("old_policy/reference forward", _lower_logp(ts, mesh, rows, P + N, P, mb))]
+    if rl.critic_kind(cfg) == "separate":  # the second model's own update on the same minibatch
+        ccfg = rl.critic_config(sched_cfg)
+        out.append(("critic_step (one minibatch)", _lower_step(rl.make_critic_loss(cfg, P), ccfg, mesh,
+                                                               _abstract_state(ccfg, mesh, task), batch)))
+    return out
 
 
 def distill_functions(cfg, mesh, task) -> list[tuple[str, Any]]:

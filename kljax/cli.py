@@ -453,7 +453,10 @@ FIELD_DOCS: dict[str, str] = {
     "rl.top_k": "top-k sampling (0 = off)",
     "rl.top_p": "nucleus sampling (1 = off)",
     "rl.max_new_tokens": "completion length (0 = task's)",
-    "rl.advantage": "objective | group_mean_std | group_mean | leave_one_out | batch",
+    "rl.advantage": "objective | group_mean_std | group_mean | leave_one_out | batch | gae (PPO with a critic)",
+    "rl.critic": "gae: shared (value head on the policy's trunk, model.value_head='scalar') | separate (a second "
+                 "model with its own optimizer; model.value_head='none')",
+    "rl.critic_lr": "gae with rl.critic='separate': the critic's learning rate (None = optim.learning_rate)",
     "rl.reference": "fixed (init_from) | reset (to the policy every reset_every roll-outs)",
     "rl.reset_every": "roll-outs between reference resets",
     "rl.dynamic_sampling": "DAPO: drop groups with equal rewards and resample",
@@ -479,6 +482,9 @@ FIELD_DOCS: dict[str, str] = {
     "qsharp.etas": "guidance strengths η evaluated",
     "qsharp.rollin_eta": "η of the roll-in policy",
     "qsharp.guidances": "qsharp and/or cd guidance evaluated",
+    "qsharp.top_k": "guide only π_ref's top-k next tokens (0 = all)",
+    "qsharp.top_k_rest": "tokens outside the top-k: mask (−inf, never sampled; Q♯ star-graph code) | reference "
+                         "(their unguided reference logits; Q♯ math code)",
     "preference": "offline preference optimization (kljax/train/preference.py)",
     "preference.num_pairs": "preference pairs collected",
     "preference.max_tries": "samples tried per prompt to find a rejected completion",

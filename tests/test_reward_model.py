@@ -227,6 +227,25 @@ def test_ppo_with_critic_against_reward_model(rm_run, user):
     np.testing.assert_allclose(m[2]["kl_coef"], b2 * (1 + np.clip(kl2 / 6.0 - 1, -0.2, 0.2) * 8 / 100), rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_ppo_with_a_separate_critic_against_reward_model(rm_run, user):
+    """experiments/hf.py:ppo,separate,smoke: the critic is a second model (the policy's trunk + a scalar
+    head, own optimizer); the policy has no value head, and the run's policy still loads as a TrainState."""
+    wd = str(user["root"] / "ppo_sep")
+    run_main("ppo,separate,smoke", wd, user, f"--config.task.reward=model:{rm_run}", "--config.task.prompt_key=prompt",
+             "--config.task.answer_key=", "--config.rl.critic_lr=1e-3")
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        m = [json.loads(line) for line in f if '"value_loss"' in line]
+    assert [r["step"] for r in m] == [1, 2]
+    for r in m:
+        for k in ("loss", "value_loss", "critic/grad_norm", "objective/kl", "reward"):
+            assert np.isfinite(r[k]), k
+    assert m[1]["critic/learning_rate"] == pytest.approx(1e-3)
+    ts, cfg = common.load_state_from(wd, common.build_mesh(common.read_config(wd)))
+    assert cfg.rl.critic == "separate" and not any("value_" in jax.tree_util.keystr(p)
+                                                   for p, _ in jax.tree_util.tree_flatten_with_path(ts.params)[0])
+
+
 @pytest.mark.parametrize("field,value,needle", [
     ("model.value_head", "none", "model.value_head"),
     ("objective.beta", 0.1, "objective.beta"),
@@ -277,7 +296,12 @@ def test_aot_compiles_the_critic_and_reward_model_steps():
         cfg.model.value_head = "scalar"
     rows, text, status = aot.check(cfg, "v5e:2x2")
     assert status == 0 and "train_step" in text, text
+    with cfg.unlocked():  # a separate critic: its own step is compiled too
+        cfg.rl.critic, cfg.model.value_head = "separate", "none"
+    rows, text, status = aot.check(cfg, "v5e:2x2")
+    assert status == 0 and "critic_step" in text, text
     with cfg.unlocked():
         cfg.loop = "reward_model"
+        cfg.model.value_head = "scalar"
     rows, text, status = aot.check(cfg, "v5e:2x2")
     assert status == 0 and "chosen + rejected" in text, text
