@@ -164,3 +164,24 @@ def parse_result(stdout: str):
         if line.startswith("BENCH_RESULT "):
             return json.loads(line[len("BENCH_RESULT "):])
     return None
+
+
+def run_child(script: str, args, timeout: float, repo: str) -> dict:
+    """Run `python script *args` in a fresh process (cwd `repo`, CPU backend unless JAX_PLATFORMS says
+    otherwise) and return the dict it emitted with `emit_result`, or {"error": last lines of its output}."""
+    import subprocess
+    import time
+    cmd = [sys.executable, os.path.abspath(script), *[str(a) for a in args]]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"), TOKENIZERS_PARALLELISM="false")
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"timed out after {timeout:.0f} s")
+    res = parse_result(p.stdout)
+    if res is None:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-15:]
+        return dict(error=f"exit {p.returncode}: " + " / ".join(tail))
+    res["process_wall_s"] = time.perf_counter() - t0
+    return res

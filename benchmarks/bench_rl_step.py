@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -136,6 +135,8 @@ def child_kljax(folder: str, warmup: int, steps: int, workdir: str) -> dict:
     for k in extra:  # the loop's own phase metrics, when it logs any
         ph[k] = [r[k] for r in rows if k in r][warmup:warmup + steps]
     return dict(step_s=step_s[warmup:warmup + steps], phases=ph, params=n_params,
+                completion_len=[r["completions/mean_length"] for r in rows if "completions/mean_length" in r
+                                ][warmup:warmup + steps],
                 window_s=marks.get("t1", 0) - marks.get("t0", 0),
                 foreign_cpu_s=C.foreign_cpu_s(marks.get("j0"), marks.get("j1")))
 
@@ -189,7 +190,8 @@ def child_trl(folder: str, warmup: int, steps: int, workdir: str) -> dict:
             if len(ends) == total + 1:
                 marks["j1"] = C.busy_jiffies()
 
-    trainer = GRPOTrainer(model=model, reward_funcs=even_fraction, args=args, train_dataset=ds,
+    lengths = []
+    trainer = GRPOTrainer(model=model, reward_funcs=_length_recording(even_fraction, lengths), args=args, train_dataset=ds,
                           processing_class=tok, callbacks=[Timer()])
     trainer.train()
     step_s = [b - a for a, b in zip(ends, ends[1:])]
@@ -202,7 +204,7 @@ def child_trl(folder: str, warmup: int, steps: int, workdir: str) -> dict:
     phases["update"] = [s - p for s, p in zip(step_s, phases["roll-out (sample+score+ref)"])]
     return dict(step_s=step_s[warmup:], phases={k: v[warmup:] for k, v in phases.items()}, params=n_params,
                 window_s=sum(step_s[warmup:]), foreign_cpu_s=C.foreign_cpu_s(marks.get("j0"), marks.get("j1")),
-                torch_threads=torch.get_num_threads())
+                torch_threads=torch.get_num_threads(), completion_len=lengths[warmup:])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -227,6 +229,7 @@ def tunix_mesh():
 
 def child_tunix(folder: str, warmup: int, steps: int, workdir: str) -> dict:
     import jax
+    import numpy as np
     import optax
     from flax import nnx
     from tunix.rl import rl_cluster as rl_cluster_lib
@@ -284,14 +287,29 @@ def child_tunix(folder: str, warmup: int, steps: int, workdir: str) -> dict:
                 marks["j1"] = C.busy_jiffies()
             return out
 
-    learner = Timed(rl_cluster=cluster, reward_fns=[even_fraction], algo_config=algo)
+    lengths = []
+    learner = Timed(rl_cluster=cluster, reward_fns=[_length_recording(even_fraction, lengths)], algo_config=algo)
     prompts = C.prompt_texts(W["prompts"] * total, seed=1)
-    train_ds = [{"prompts": prompts[i * W["prompts"]:(i + 1) * W["prompts"]]} for i in range(total)]
+    # Batches as a grain pipeline would give them: arrays of strings.
+    train_ds = [{"prompts": np.array(prompts[i * W["prompts"]:(i + 1) * W["prompts"]])} for i in range(total)]
     with mesh:
         learner.train(train_ds)
     step_s = [b - a for a, b in zip(ends, ends[1:])]
     return dict(step_s=step_s[warmup:], phases={k: v[warmup:total] for k, v in phases.items()}, params=n_params,
-                window_s=sum(step_s[warmup:]), foreign_cpu_s=C.foreign_cpu_s(marks.get("j0"), marks.get("j1")))
+                window_s=sum(step_s[warmup:]), foreign_cpu_s=C.foreign_cpu_s(marks.get("j0"), marks.get("j1")),
+                completion_len=lengths[warmup:total])
+
+
+def _length_recording(fn, lengths):
+    """The reward function, also recording each call's mean completion length in tokens (a check that no
+    completion ended early)."""
+    def even_fraction(prompts, completions, completion_ids=None, **kwargs):
+        if completion_ids is not None:
+            lengths.append(sum(len(c) for c in completion_ids) / len(completion_ids))
+        else:
+            lengths.append(sum(len(str(c).split()) for c in completions) / len(completions))
+        return fn(prompts, completions, completion_ids=completion_ids, **kwargs)
+    return even_fraction
 
 
 CHILDREN = {"kljax": child_kljax, "trl": child_trl, "tunix": child_tunix}
@@ -302,21 +320,8 @@ CHILDREN = {"kljax": child_kljax, "trl": child_trl, "tunix": child_tunix}
 
 
 def run_child(name: str, folder: str, warmup: int, steps: int, workdir: str, timeout: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--folder", folder, "--warmup", str(warmup),
-           "--steps", str(steps), "--workdir", workdir]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"), TOKENIZERS_PARALLELISM="false")
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return dict(error=f"timed out after {timeout:.0f} s")
-    res = C.parse_result(p.stdout)
-    if res is None:
-        tail = (p.stderr or p.stdout).strip().splitlines()[-15:]
-        return dict(error=f"exit {p.returncode}: " + " / ".join(tail))
-    res["process_wall_s"] = time.perf_counter() - t0
-    return res
+    return C.run_child(__file__, ["--child", name, "--folder", folder, "--warmup", warmup, "--steps", steps,
+                                  "--workdir", workdir], timeout, REPO)
 
 
 def child_main(a) -> None:
@@ -381,6 +386,9 @@ def main(argv=None) -> None:
         phase_names = list(ok[0]["phases"])
         phases = "; ".join(f"{k} {C.fmt_s(C.summary([v for x in ok for v in x['phases'].get(k, [])])[0], 2)}"
                            for k in phase_names)
+        lens = sorted({round(v, 3) for x in ok for v in x.get("completion_len", [])})
+        if lens != [float(W["new_tokens"])]:
+            notes.append(f"{c}: mean completion lengths {lens}, expected {W['new_tokens']} (EOS sampled?)")
         foreign = sum(x["foreign_cpu_s"] for x in ok if x["foreign_cpu_s"] == x["foreign_cpu_s"])
         window = sum(x["window_s"] for x in ok)
         flag = " (contended)" if C.contended(foreign, window) else ""
