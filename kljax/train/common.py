@@ -19,8 +19,8 @@ Config schema (top-level fields; loops read what they need):
     + loop-specific sub-configs (objective, rl, distill, qsharp, stages).
 
 Loop driver contract (`run_loop`): the loop builds a *loop state* pytree with a `.step` attribute
-(a `TrainState`, or `LoopState(train=..., extra=...)` when more arrays must be checkpointed, e.g. a
-reset reference), a `step_fn(state, batch) -> (state, metrics)` (one jit, or Python around several
+(a `TrainState`, or a dataclass with a `train` field when more arrays must be checkpointed, as
+RL's `RLState` with a reset reference), a `step_fn(state, batch) -> (state, metrics)` (one jit, or Python around several
 jits, as RL's roll-out + updates), an iterator of batches with `get_state`/`set_state` and an
 `eval_fn(state) -> dict`. `run_loop` restores, steps, logs, evaluates, checkpoints and writes
 `workdir/eval.json`.
@@ -33,7 +33,6 @@ import os
 import time
 from typing import Any, Callable, Iterator, Mapping
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -142,11 +141,6 @@ def hf_model_config(cfg: Any) -> ml_collections.ConfigDict:
     return mc
 
 
-def build_model(cfg: Any, rngs: nnx.Rngs, task: task_base.Task | None = None) -> TransformerLM:
-    """A `TransformerLM` for `cfg` (vocabulary and length from the task when not set)."""
-    return TransformerLM(model_config(cfg, task), rngs=rngs)
-
-
 def build_mesh(cfg: Any) -> jax.sharding.Mesh:
     """The device mesh of `cfg.mesh` (default: all devices on "data")."""
     return shd.make_mesh(cfg.get("mesh", None) or {"data": -1})
@@ -182,17 +176,6 @@ def schedule(cfg: Any):
     return state_lib.schedule_from_config(optim_config(cfg))
 
 
-@flax.struct.dataclass
-class LoopState:
-    """A train state plus other checkpointed arrays (`extra`: e.g. a reset reference's params)."""
-    train: state_lib.TrainState
-    extra: Any
-
-    @property
-    def step(self):
-        return self.train.step
-
-
 # ----------------------------------------------------------------------------------------------
 # Other runs' params (reference / teacher / initialization)
 
@@ -224,8 +207,8 @@ def check_run_exists(workdir: str, field: str) -> None:
 def load_state_from(workdir: str, mesh: jax.sharding.Mesh, step: int | None = None) -> tuple[Any, ml_collections.ConfigDict]:
     """(`TrainState`, config) of the run in `workdir`, restored from its latest (or `step`) checkpoint.
 
-    The state is placed on `mesh` with the usual parameter shardings. For LoopState checkpoints
-    (RL with a reset reference) the train part is returned.
+    The state is placed on `mesh` with the usual parameter shardings. For loop-state checkpoints
+    (RL's `RLState`) the `train` part is returned.
     """
     cfg = read_config(workdir)
     target = create_state(cfg, mesh, pretrained=False)
@@ -236,7 +219,7 @@ def load_state_from(workdir: str, mesh: jax.sharding.Mesh, step: int | None = No
             raise FileNotFoundError(f"{workdir} has no finished checkpoint; let that run finish first.")
         try:
             restored, _ = mgr.restore(step, target)
-        except Exception:  # the run saved a LoopState (train + extra)
+        except Exception:  # the run saved a loop state (train + other arrays)
             restored = _restore_train_part(mgr, step, target)
     finally:
         mgr.close()
@@ -244,7 +227,7 @@ def load_state_from(workdir: str, mesh: jax.sharding.Mesh, step: int | None = No
 
 
 def _restore_train_part(mgr: checkpoint.Manager, step: int, target: Any) -> Any:
-    """The `train` field of a checkpointed loop state (`LoopState`, RL's `RLState`, ...)."""
+    """The `train` field of a checkpointed loop state (RL's `RLState`, ...)."""
     import orbax.checkpoint as ocp
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
     repl = shd.replicated(jax.tree.leaves(target)[0].sharding.mesh)
@@ -257,12 +240,6 @@ def _restore_train_part(mgr: checkpoint.Manager, step: int, target: Any) -> Any:
     tree["train"] = abstract
     out = mgr._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(tree)))
     return out["state"]["train"]
-
-
-def load_params_from(workdir: str, mesh: jax.sharding.Mesh) -> tuple[Any, Any, ml_collections.ConfigDict]:
-    """(graphdef, params, config) of the latest checkpoint in `workdir` (the reference/teacher)."""
-    ts, cfg = load_state_from(workdir, mesh)
-    return ts.graphdef, ts.params, cfg
 
 
 def load_model_from(workdir: str, mesh: jax.sharding.Mesh) -> nnx.Module:
@@ -494,7 +471,7 @@ def make_generation_eval(cfg: Any, task: task_base.SequenceTask, mesh: jax.shard
     settings = eval_settings(cfg)
 
     def default_model_of(s):
-        return s.train.model() if isinstance(s, LoopState) else s.model()
+        return getattr(s, "train", s).model()
 
     get_model = model_of or default_model_of
 
@@ -543,7 +520,7 @@ def run_loop(cfg: Any, workdir: str, *, state: Any, step_fn: Callable[[Any, Any]
              on_restore: Callable[[Any], Any] | None = None) -> dict:
     """Run `step_fn` from the latest checkpoint in `workdir` to `total_steps`; return the final eval.
 
-    state: the loop state (a pytree with `.step`, e.g. `TrainState` or `LoopState`), freshly created;
+    state: the loop state (a pytree with `.step`, e.g. `TrainState` or RL's `RLState`), freshly created;
       it is replaced by the latest checkpoint when `workdir` has one (same config enforced).
     step_fn(state, batch) -> (state, metrics): one training step (metrics: scalars, TRL names).
     batches: iterator (with `get_state`/`set_state` for exact resume; its state is checkpointed) or
@@ -675,11 +652,6 @@ def make_step(loss_fn: Callable, cfg: Any, mesh: jax.sharding.Mesh, ts: Any, acc
     mesh's explicit shardings, donated state, skip of non-finite updates and the lr metric."""
     return state_lib.make_train_step(loss_fn, mesh, state_lib.state_sharding(ts), accum_steps=accum_steps,
                                      schedule=schedule(cfg))
-
-
-def sharded_batches(it: Iterator, mesh: jax.sharding.Mesh) -> "ShardedIterator":
-    """Wrap a numpy-batch iterator so `next` yields `shard_batch`-placed global arrays."""
-    return ShardedIterator(it, mesh)
 
 
 class ShardedIterator:

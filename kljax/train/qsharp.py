@@ -43,6 +43,7 @@ from flax import nnx
 from kljax import divergences as dv
 from kljax.config import ConfigError, require
 from kljax.objectives import value as value_obj
+from kljax.models import positions_from_valid
 from kljax.sampling import generate
 from kljax.tasks import base as task_base
 from kljax.train import sharding
@@ -153,7 +154,7 @@ def _guided_kl(ref_state, critic_state, sequences, valid, eta, atoms, *, guidanc
                ref_def, critic_def):
     ref = nnx.merge(ref_def, ref_state)
     critic = nnx.merge(critic_def, critic_state)
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    positions = positions_from_valid(valid)
     ref_logits = ref(sequences, positions=positions, valid=valid)[:, prompt_len - 1:-1]
     c = critic_outputs(critic, sequences, positions, valid)[:, prompt_len - 1:-1]
     g = guided_logits(ref_logits.astype(jnp.float32), c.astype(jnp.float32), eta, guidance, kind, atoms, top_k)
