@@ -55,19 +55,21 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 def config(quick: bool = False, seeds: int | None = None) -> dict:
     if quick:
-        graphs = [dict(degree=2, path_len=3, num_nodes=10, train_size=20_000, test_size=256)]
+        # The full run's graphs and model with fewer steps: this reference reaches the plateau by ≈ 200 steps.
+        graphs = [dict(degree=2, path_len=3, num_nodes=20, train_size=50_000, test_size=1_000)]
         return {
             "table": "star_graph", "quick": True, "seeds": int(seeds or 1),
             "workdir": "runs/reproduce/star_graph_quick",
             "graphs": graphs,
-            "model": dict(width=32, depth=2, num_heads=2),
-            "pretrain": dict(steps=300, batch_size=128, learning_rate=3e-3),
+            "model": dict(width=64, depth=3, num_heads=4),
+            "pretrain": dict(steps=250, batch_size=128, learning_rate=2e-3),
             "test_graphs": 256,
             "mc": dict(candidates=4, rollouts=4),
             "etas": [1.0, 0.1],
-            "curve": dict(sizes=[512, 2048], steps=150, batch_size=128, learning_rate=1e-3,
-                          variants=["reference/all"], eval_eta=0.1),
-            "baselines": dict(rl=["grpo"], rl_steps=20, dpo=False, dpo_pairs=512, dpo_steps=50),
+            "curve": dict(steps=100, batch_size=128, learning_rate=1e-3, eval_eta=0.1, variants=[
+                dict(name="V/reference/all", sizes=[2048], report=True),
+                dict(name="Q/reference/all", sizes=[1024])]),
+            "baselines": dict(rl=["grpo"], rl_steps=10, dpo=False, dpo_pairs=512, dpo_steps=50),
         }
     graphs = [dict(degree=2, path_len=3, num_nodes=20, train_size=50_000, test_size=1_000)]
     return {
@@ -79,8 +81,13 @@ def config(quick: bool = False, seeds: int | None = None) -> dict:
         "test_graphs": 1000,
         "mc": dict(candidates=4, rollouts=8),
         "etas": [1.0, 0.1, 0.01],
-        "curve": dict(sizes=[1024, 4096, 16384, 32768], steps=600, batch_size=128, learning_rate=1e-3,
-                      variants=["reference/all", "scratch/all", "reference/switch"], eval_eta=0.1),
+        # variants: critic type (Q: one output per next token, kljax's qsharp loop; V: the value read at the
+        # candidate's own slot, the Q♯ star-graph code's classifier) / body init / which positions get labels
+        "curve": dict(steps=400, batch_size=128, learning_rate=1e-3, eval_eta=0.1, variants=[
+            dict(name="V/reference/all", sizes=[1024, 4096, 16384, 32768], report=True),
+            dict(name="Q/reference/all", sizes=[1024, 4096, 32768], report=True),
+            dict(name="V/scratch/all", sizes=[4096, 32768]),
+            dict(name="Q/reference/switch", sizes=[32768])]),
         "baselines": dict(rl=["reinforce", "grpo", "rpg_ufkl"], rl_steps=100, dpo=True, dpo_pairs=4096,
                           dpo_steps=300),
     }
@@ -306,23 +313,26 @@ def _table_rows(res: dict) -> list:
 
 
 def run(cfg: dict, out: str) -> dict:
-    from kljax.train import common as tc
     common.prepare(out, cfg)
     t_all = time.time()
     results = {"machine": common.machine(), "graphs": []}
+
+    def partial(res):  # the table so far, so an interrupted run still leaves its finished stages
+        results["wall_s"] = time.time() - t_all
+        common.write_json(os.path.join(out, "results.json"), {**results, "graphs": results["graphs"] + [res]}, digits=4)
+        _write_markdown(cfg, {**results, "graphs": results["graphs"] + [res]}, out)
+
     for g in cfg["graphs"]:
-        results["graphs"].append(_run_graph(cfg, g, out))
+        results["graphs"].append(_run_graph(cfg, g, out, partial))
     results["wall_s"] = time.time() - t_all
     common.write_json(os.path.join(out, "results.json"), results, digits=4)
     _write_markdown(cfg, results, out)
     _plots(cfg, results, out)
-    del tc
     return json.loads(json.dumps(common._jsonable(results, 4)))
 
 
-def _run_graph(cfg: dict, g: dict, out: str) -> dict:
+def _run_graph(cfg: dict, g: dict, out: str, partial=lambda res: None) -> dict:
     from kljax.train import common as tc
-    from kljax.train import qsharp
     gname = _graph_name(g)
     base = os.path.join(cfg["workdir"], gname.replace("(", "_").replace(")", "").replace(",", "_"))
     res: dict = {"graph": gname, "methods": [], "stage_wall_s": {}}
@@ -333,6 +343,8 @@ def _run_graph(cfg: dict, g: dict, out: str) -> dict:
         res["stage_wall_s"][name] = time.time() - timer
         timer = time.time()
         print(f"[star_graph {gname}] {name} done in {res['stage_wall_s'][name]:.0f} s", flush=True)
+        res["wall_s"] = float(sum(res["stage_wall_s"].values()))
+        partial(res)
 
     # 1. the reference -------------------------------------------------------------------------
     pc = _exp_config("star_graph.py", "pretrain,small")
@@ -375,9 +387,9 @@ def _run_graph(cfg: dict, g: dict, out: str) -> dict:
 
     # 3. critic learning curve -----------------------------------------------------------------
     cv = cfg["curve"]
-    sizes = sorted(int(n) for n in cv["sizes"])
-    tr = tc._test_records(task, tc.data_dir(pc), "train", sizes[-1])
-    pool_path = os.path.join(base, f"pool-{_digest(pc)}-{sizes[-1]}.npz")
+    max_n = max(int(n) for v in cv["variants"] for n in v["sizes"])
+    tr = tc._test_records(task, tc.data_dir(pc), "train", max_n)
+    pool_path = os.path.join(base, f"pool-{_digest(pc)}-{max_n}.npz")
     if os.path.exists(pool_path):
         with np.load(pool_path) as z:
             pool = {k: z[k] for k in z.files}
@@ -388,60 +400,71 @@ def _run_graph(cfg: dict, g: dict, out: str) -> dict:
         os.replace(pool_path + ".tmp.npz", pool_path)
     res["pool"] = {"size": int(len(pool["returns"])), "success_rate": float(pool["returns"].mean())}
     lap("rollout_pool")
-    curve = []
-    best = None
-    for vi, variant in enumerate(cv["variants"]):
-        init, labels = variant.split("/")
+    curve = res["curve"] = []
+    e_curve = float(cv["eval_eta"])
+    train_rows = {k: v[:512] for k, v in tr.items()}
+    for variant in cv["variants"]:
+        kind, init, labels = variant["name"].split("/")
+        sizes = sorted(int(n) for n in variant["sizes"])
         for n in sizes:
-            full = vi == 0 and n == sizes[-1]       # the critic every η is reported for
+            full = bool(variant.get("report", False)) and n == sizes[-1]   # reported at every η
             qc = _exp_config("star_graph_qsharp.py", "qsharp,small")
             _set_graph(qc, g, cfg)
             qc.init_from = ref_dir
             qc.qsharp.rounds, qc.qsharp.critic_steps, qc.qsharp.rollouts_per_round = 1, int(cv["steps"]), n
-            qc.qsharp.critic_init = "reference" if init == "reference" else "scratch"
+            qc.qsharp.critic_init = init
             qc.qsharp.top_k = 0
-            qc.qsharp.etas = tuple(cfg["etas"]) if full else (float(cv["eval_eta"]),)
+            qc.qsharp.etas = tuple(cfg["etas"]) if full else (e_curve,)
             qc.qsharp.guidances = ("qsharp", "cd") if full else ("qsharp",)
-            qc.qsharp.rollin_eta = float(cv["eval_eta"])
+            qc.qsharp.rollin_eta = e_curve
             qc.total_steps = int(cv["steps"])
             qc.batch_size = int(cv["batch_size"])
             qc.optim.learning_rate = float(cv["learning_rate"])
             qc.checkpoint.every = qc.total_steps
             qc.optim.warmup_steps = min(30, qc.total_steps // 5)
             qc.task.data_dir = pc.task.data_dir
-            qc.labels = labels  # recorded in the stage config (the data below depend on it)
-            wd = _stage_dir(base, f"critic-{init}-{labels}-{n}", qc)
-            seed_file = os.path.join(os.path.abspath(wd), "qsharp_data", "round_0.npz")
-            if not os.path.exists(seed_file):
-                os.makedirs(os.path.dirname(seed_file), exist_ok=True)
-                d = {k: pool[k][:n] for k in ("tokens", "valid", "positions", "returns", "switch")}
-                d["mask"] = pool["mask_all" if labels == "all" else "mask"][:n]
-                np.savez(seed_file + ".tmp.npz", **d)
-                os.replace(seed_file + ".tmp.npz", seed_file)
+            if kind == "V":
+                qc.model.value_head = "scalar"
+            qc.labels = labels  # in the digest only: the seeded data depend on it
+            wd = _stage_dir(base, f"critic-{kind}-{init}-{labels}-{n}", qc)
             del qc.labels
-            ev = _run_stage(qc, wd)
-            critic = tc.load_model_from(wd, mesh)
-            dec = decision_accuracy(critic_values(critic, task, records), task, records)
-            train_dec = decision_accuracy(critic_values(critic, task, {k: v[:512] for k, v in tr.items()}), task,
-                                          {k: v[:512] for k, v in tr.items()})
-            e = float(cv["eval_eta"])
-            point = {"variant": variant, "rollouts": n, "decision_accuracy": dec, "train_decision_accuracy": train_dec,
-                     "guided_accuracy": ev[f"eval/qsharp/eta={e:g}/accuracy"],
-                     "guided_kl_seq": ev[f"eval/qsharp/eta={e:g}/kl_seq"], "wall_s": ev["stage_wall_s"]}
+            t0 = time.time()
+            if kind == "Q":
+                seed_file = os.path.join(os.path.abspath(wd), "qsharp_data", "round_0.npz")
+                if not os.path.exists(seed_file):
+                    os.makedirs(os.path.dirname(seed_file), exist_ok=True)
+                    d = {k: pool[k][:n] for k in ("tokens", "valid", "positions", "returns", "switch")}
+                    d["mask"] = pool["mask_all" if labels == "all" else "mask"][:n]
+                    np.savez(seed_file + ".tmp.npz", **d)
+                    os.replace(seed_file + ".tmp.npz", seed_file)
+                ev = _run_stage(qc, wd)
+                critic = tc.load_model_from(wd, mesh)
+                dec = decision_accuracy(critic_values(critic, task, records), task, records)
+                train_dec = decision_accuracy(critic_values(critic, task, train_rows), task, train_rows)
+                guided = {f"{gd}/eta={e:g}": {"accuracy": ev[f"eval/{gd}/eta={e:g}/accuracy"],
+                                              "kl_seq": ev[f"eval/{gd}/eta={e:g}/kl_seq"],
+                                              "kl_token": ev[f"eval/{gd}/eta={e:g}/kl"]}
+                          for gd in qc.qsharp.guidances for e in qc.qsharp.etas}
+            else:
+                critic, _ = train_v_critic(qc, ref_dir, pool, labels, n, wd)
+                dec = decision_accuracy(v_decision_values(critic, task, records), task, records)
+                train_dec = decision_accuracy(v_decision_values(critic, task, train_rows), task, train_rows)
+                guided = v_guided_eval(ref, critic, task, records, jax.random.PRNGKey(5),
+                                       etas=tuple(qc.qsharp.etas), guidances=tuple(qc.qsharp.guidances),
+                                       candidates=int(cfg["mc"]["candidates"]))
+            point = {"variant": variant["name"], "rollouts": n, "decision_accuracy": dec,
+                     "train_decision_accuracy": train_dec,
+                     "guided_accuracy": guided[f"qsharp/eta={e_curve:g}"]["accuracy"],
+                     "guided_kl_seq": guided[f"qsharp/eta={e_curve:g}"]["kl_seq"], "wall_s": time.time() - t0}
             curve.append(point)
-            print(f"[star_graph {gname}] critic {variant} n={n}: {point}", flush=True)
+            print(f"[star_graph {gname}] critic {variant['name']} n={n}: {point}", flush=True)
+            partial(res)
             if full:
-                best = (variant, n, ev)
-    res["curve"] = curve
-    if best is not None:
-        variant, n, ev = best
-        for guidance, label in (("qsharp", "Q♯ (learned critic)"), ("cd", "CD (learned critic)")):
-            for eta in cfg["etas"]:
-                h = f"eval/{guidance}/eta={eta:g}"
-                res["methods"].append(dict(method=label, detail=f"η={eta:g}, critic {variant}, {n} roll-outs",
-                                           accuracy=ev[f"{h}/accuracy"], kl_seq=ev[f"{h}/kl_seq"],
-                                           kl_token=ev[f"{h}/kl"]))
-    del qsharp
+                kname = "Q-type" if kind == "Q" else "V-type"
+                for guidance, label in (("qsharp", f"Q♯ ({kname} critic)"), ("cd", f"CD ({kname} critic)")):
+                    for eta in cfg["etas"]:
+                        res["methods"].append(dict(method=label, detail=f"η={eta:g}, critic {variant['name']}, "
+                                                   f"{n} roll-outs", **guided[f"{guidance}/eta={eta:g}"]))
     lap("critic_curve")
 
     # 4. post-training baselines -----------------------------------------------------------------
@@ -534,10 +557,11 @@ def _plots(cfg: dict, results: dict, out: str) -> None:
         tag = gr["graph"].replace("(", "").replace(")", "").replace(",", "_")
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         ax = axes[0]
-        variants = sorted({p["variant"] for p in gr.get("curve", [])}, key=lambda v: cfg["curve"]["variants"].index(v))
+        variants = [v["name"] for v in cfg["curve"]["variants"]]
         for v in variants:
             pts = [p for p in gr["curve"] if p["variant"] == v]
-            ax.plot([p["rollouts"] for p in pts], [p["decision_accuracy"] for p in pts], "o-", label=f"critic {v}")
+            if pts:
+                ax.plot([p["rollouts"] for p in pts], [p["decision_accuracy"] for p in pts], "o-", label=f"critic {v}")
         ax.axhline(gr["reference"]["decision_accuracy"], color="gray", ls="--", label="π_ref's own choice")
         ax.axhline(gr["mc"]["candidate_p_argmax_is_n1"], color="green", ls=":", label="MC values")
         ax.set_xscale("log", base=2)
@@ -559,3 +583,137 @@ def _plots(cfg: dict, results: dict, out: str) -> None:
         fig.tight_layout()
         fig.savefig(os.path.join(out, f"star_graph_{tag}.png"), dpi=120)
         plt.close(fig)
+
+
+# ------------------------------------------------------------------ V-type (prefix) critic --
+# The Q♯ star-graph code's classifier (GPTClassifier) is V-type: the value of candidate token c is read at
+# c's own slot, from the hidden state of (prefix, c). kljax's `qsharp` loop trains a Q-type critic (one
+# output per next token, read at the prefix's last slot). The two see different problems at the decision
+# node: Q-type must output the predecessor of g (a reverse lookup, the very step π_ref fails to learn),
+# V-type only has to check that c's arm leads to g, starting from the query c (a forward lookup, the
+# step π_ref's trunk already does).
+
+def _v_loss(model, batch, rng):
+    """qsharp_bce on a scalar head read at each completion token's own slot (tokens=None: V-type)."""
+    from kljax.objectives import value as vo
+    del rng
+    v = model.values(model.hidden(batch["tokens"], positions=batch["positions"], valid=batch["valid"]))
+    loss, m = vo.qsharp_bce(v[:, 1:], None, batch["returns"], batch["mask"][:, :-1])
+    return loss, dict(m)
+
+
+def train_v_critic(qc, ref_dir: str, pool: dict, labels: str, n: int, workdir: str):
+    """Train a V-type Bernoulli critic (scalar head) with kljax's step and loop on the first `n` roll-outs."""
+    from kljax.train import common as tc
+    from kljax.train import qsharp, sharding
+    task = tc.build_task(qc)
+    mesh = tc.build_mesh(qc)
+    ts = tc.create_state(qc, mesh, task)
+    if qc.qsharp.critic_init == "reference":
+        ref_ts, _ = tc.load_state_from(ref_dir, mesh)
+        ts = qsharp.merge_params(ts, ref_ts.params)
+    step = tc.make_step(_v_loss, qc, mesh, ts)
+    data = {k: pool[k][:n] for k in ("tokens", "valid", "positions", "returns")}
+    data["mask"] = pool["mask_all" if labels == "all" else "mask"][:n]
+    key = jax.random.PRNGKey(int(qc.seed) + 3)
+    bs = int(qc.batch_size)
+
+    def step_fn(s, _):
+        i = int(jax.device_get(s.step))
+        idx = np.asarray(jax.random.choice(jax.random.fold_in(key, i), n, (bs,), replace=n < bs))
+        return step(s, sharding.shard_batch({k: v[idx] for k, v in data.items()}, mesh))
+
+    t0 = time.time()
+    tc.run_loop(qc, workdir, state=ts, step_fn=step_fn, batches=None, bar_keys=("loss", "critic/accuracy"),
+                desc=os.path.basename(workdir))
+    return tc.load_model_from(workdir, mesh), time.time() - t0
+
+
+def _v_values_fn():
+    from flax import nnx
+
+    @nnx.jit
+    def last_value(model, tokens, valid):
+        pos = jnp.maximum(jnp.cumsum(valid, 1) - 1, 0)
+        return model.values(model.hidden(tokens, positions=pos, valid=valid))[:, -1]
+    return last_value
+
+
+_LAST_VALUE = None
+
+
+def v_critic_p(critic, prefix, cand):
+    """σ(critic) of (prefix, c) for every candidate: prefix [b, L] (all valid), cand [b, K] -> [b, K]."""
+    global _LAST_VALUE
+    if _LAST_VALUE is None:
+        _LAST_VALUE = _v_values_fn()
+    b, k = cand.shape
+    rows = np.concatenate([np.repeat(prefix, k, 0), cand.reshape(-1, 1)], 1).astype(np.int32)
+    v = np.asarray(_LAST_VALUE(critic, jnp.asarray(rows), jnp.ones(rows.shape, jnp.int32)))
+    return (1.0 / (1.0 + np.exp(-v))).reshape(b, k)
+
+
+def v_decision_values(critic, task, records) -> np.ndarray:
+    """[B, V] success logits of each arm start as n1 (others −inf), for `decision_accuracy`."""
+    prefix = np.concatenate([records["prompt"], records["target"][:, :1]], 1)
+    starts = _arm_starts(task, records)
+    d = max(len(s) for s in starts)
+    cand = np.array([s + [s[0]] * (d - len(s)) for s in starts])
+    p = v_critic_p(critic, prefix, cand)
+    out = np.full((len(prefix), task.vocab_size), -np.inf, np.float32)
+    np.put_along_axis(out, cand, p.astype(np.float32), axis=1)
+    return out
+
+
+def v_guided_eval(ref, critic, task, records, key, *, etas, guidances=("qsharp", "cd"), candidates: int = 4,
+                  batch_size: int = 256) -> dict:
+    """Q♯/CD decoding with a V-type critic at EVERY step: values for π_ref's top `candidates` tokens
+    (the others keep their π_ref logits, Q♯ math code's top-k rule), sampled at T = 1; exact KL summed
+    over the generated tokens."""
+    from kljax import divergences as dv
+    from kljax.objectives import value as vo
+    from kljax.tasks import base as tb
+    from kljax.train import common as tc
+    n = task.completion_len
+    out = {}
+    for guidance in guidances:
+        for eta in etas:
+            acc = kl_sum = ntok = 0.0
+            for lo in range(0, len(records["prompt"]), batch_size):
+                r = {k: v[lo:lo + batch_size] for k, v in records.items()}
+                b = len(r["prompt"])
+                seq = np.asarray(r["prompt"], np.int32)
+                done = np.zeros(b, bool)
+                toks = np.full((b, n), task.pad_id, np.int32)
+                m = np.zeros((b, n), np.int32)
+                kk = jax.random.fold_in(key, lo)
+                for t in range(n):
+                    L = seq.shape[1]
+                    ref_logits = np.asarray(tc.model_logits(ref, np.concatenate([seq, seq[:, -1:]], 1),
+                                                            np.ones((b, L + 1), np.int32), L))[:, 0]
+                    cand = np.argsort(-ref_logits, 1)[:, :candidates]
+                    pc = v_critic_p(critic, seq, cand)
+                    p = np.zeros_like(ref_logits)
+                    np.put_along_axis(p, cand, pc, axis=1)
+                    if guidance == "qsharp":
+                        pl = np.clip(p, 0.0, 1.0 - 1e-6)
+                        crit = np.where(pl > 0, np.log(np.maximum(pl, 1e-30)) - np.log1p(-pl), -np.inf)
+                        g = vo.qsharp_logits(ref_logits, crit.astype(np.float32), eta, "bernoulli")
+                    else:
+                        g = vo.qsharp_logits(ref_logits, p.astype(np.float32), eta, "cd")
+                    kl = np.asarray(dv.kl(g, ref_logits))
+                    y = np.asarray(jax.random.categorical(jax.random.fold_in(kk, t), jnp.asarray(g), axis=-1))
+                    live = ~done
+                    kl_sum += float(kl[live].sum())
+                    toks[live, t] = y[live]
+                    m[live, t] = 1
+                    done |= y == task.eos_id
+                    seq = np.concatenate([seq, np.where(live, y, task.pad_id)[:, None].astype(np.int32)], 1)
+                    if done.all():
+                        break
+                acc += tb.exact_match(toks, m, r["target"], r["target_valid"], task.eos_id).sum()
+                ntok += m.sum()
+            total = len(records["prompt"])
+            out[f"{guidance}/eta={eta:g}"] = {"accuracy": acc / total, "kl_seq": kl_sum / total,
+                                              "kl_token": kl_sum / max(ntok, 1)}
+    return out
