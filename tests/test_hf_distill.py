@@ -55,6 +55,37 @@ def test_distill_from_larger_hf_teacher_with_padded_vocabulary(folders):
     assert len(losses) == 2 and all(np.isfinite(losses))
 
 
+def test_tensor_parallel_teacher_gives_the_same_logits_with_its_own_layout(folders):
+    """`distill.teacher_sharding = "tensor"`: the teacher's matmuls are split by output features over
+    fsdp × tensor devices while the student stays FSDP; the teacher's logits do not change."""
+    cfg = kd_config(folders, folders["teacher"])
+    cfg.mesh.fsdp, cfg.mesh.data = 4, 2
+    task = setup_lib.build_task(cfg)
+    mesh = setup_lib.build_mesh(cfg)
+    tp_cfg = kd_config(folders, folders["teacher"])
+    tp_cfg.mesh.fsdp, tp_cfg.mesh.data = 4, 2
+    tp_cfg.distill.teacher_sharding = "tensor"
+    common.validate(tp_cfg)
+    fsdp_t, tp_t = distill._Teacher(cfg, task, mesh), distill._Teacher(tp_cfg, task, mesh)
+    import jax
+    from kljax.train import sharding as shd
+
+    def gate_spec(t):
+        return next(x.sharding.spec for p, x in jax.tree_util.tree_leaves_with_path(t.params)
+                    if "w_gate" in jax.tree_util.keystr(p))
+    assert tuple(gate_spec(tp_t)) == (None, ("fsdp", "tensor"))  # [embed, mlp]: output features split
+    assert gate_spec(fsdp_t)[0] == "fsdp"  # the student's layout: the embed dimension sharded
+    rows = np.random.default_rng(0).integers(0, 300, size=(8, 12)).astype(np.int32)
+    b = shd.shard_batch({"tokens": rows, "positions": np.tile(np.arange(12, dtype=np.int32), (8, 1)),
+                         "valid": np.ones((8, 12), bool)}, mesh)
+    np.testing.assert_allclose(np.asarray(tp_t.device_logits(b)), np.asarray(fsdp_t.device_logits(b)),
+                               atol=2e-5, rtol=2e-5)
+    bad = kd_config(folders, folders["teacher"])
+    bad.distill.teacher_sharding = "tp"
+    with pytest.raises(ConfigError, match=r"distill.teacher_sharding.*fsdp.*tensor"):
+        common.validate(bad)
+
+
 def test_vocabulary_below_the_tokenizer_is_an_error_naming_both(folders, tmp_path):
     small = tmp_path / "small"
     hfx.make_model(small, "qwen2", vocab_size=256)  # fewer rows than the tokenizer's 300 ids

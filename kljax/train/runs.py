@@ -39,14 +39,15 @@ def check_run_exists(workdir: str, field: str) -> None:
                           "let it finish first.")
 
 
-def load_state_from(workdir: str, mesh: jax.sharding.Mesh, step: int | None = None) -> tuple[Any, ml_collections.ConfigDict]:
+def load_state_from(workdir: str, mesh: jax.sharding.Mesh, step: int | None = None,
+                    rules=shd.DEFAULT_RULES) -> tuple[Any, ml_collections.ConfigDict]:
     """(`TrainState`, config) of the run in `workdir`, restored from its latest (or `step`) checkpoint.
 
-    The state is placed on `mesh` with the usual parameter shardings. For loop-state checkpoints
+    The state is placed on `mesh` with the parameter layout `rules` (default: the policy's). For loop-state checkpoints
     (RL's `RLState`) the `train` part is returned.
     """
     cfg = read_config(workdir)
-    target = create_state(cfg, mesh, pretrained=False)
+    target = create_state(cfg, mesh, pretrained=False, rules=rules)
     mgr = checkpoint.Manager(workdir, None)
     try:
         step = mgr.latest_step() if step is None else step
@@ -77,9 +78,9 @@ def _restore_train_part(mgr: checkpoint.Manager, step: int, target: Any) -> Any:
     return out["state"]["train"]
 
 
-def load_model_from(workdir: str, mesh: jax.sharding.Mesh) -> nnx.Module:
-    """The NNX model of the latest checkpoint in `workdir`."""
-    ts, _ = load_state_from(workdir, mesh)
+def load_model_from(workdir: str, mesh: jax.sharding.Mesh, rules=shd.DEFAULT_RULES) -> nnx.Module:
+    """The NNX model of the latest checkpoint in `workdir`, its parameters laid out by `rules`."""
+    ts, _ = load_state_from(workdir, mesh, rules=rules)
     return ts.model()
 
 

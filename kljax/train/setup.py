@@ -107,20 +107,21 @@ def optim_config(cfg: Any) -> dict:
 
 def create_state(cfg: Any, mesh: jax.sharding.Mesh, task: task_base.Task | None = None, *,
                  model_fn: Callable[[nnx.Rngs], nnx.Module] | None = None,
-                 pretrained: bool = True) -> state_lib.TrainState:
+                 pretrained: bool = True, rules=shd.DEFAULT_RULES) -> state_lib.TrainState:
     """Fresh sharded `TrainState` (model from `cfg.model`, optimizer from `cfg.optim`, rng from `cfg.seed`).
 
     With `cfg.model.hf_path` the params are that checkpoint's (`pretrained=False`: random params of the
-    same shapes, e.g. a target to restore a checkpoint into)."""
+    same shapes, e.g. a target to restore a checkpoint into). `rules`: the parameters' layout on `mesh`
+    (`sharding.PARAM_LAYOUTS`)."""
     mc = model_config(cfg, task)
     tx = state_lib.optimizer_from_config(optim_config(cfg))
     if hf_path(cfg) and model_fn is None and pretrained:
         from kljax.models.hf import from_hf
         model = from_hf(hf_path(cfg), dtype=mc.dtype, param_dtype=mc.param_dtype, max_len=mc.max_len,
                         value_head=mc.value_head, num_atoms=mc.num_atoms, seed=int(cfg.seed))
-        return state_lib.train_state_from_model(model, tx, mesh, shd.DEFAULT_RULES, int(cfg.seed))
+        return state_lib.train_state_from_model(model, tx, mesh, rules, int(cfg.seed))
     model_fn = model_fn or (lambda rngs: TransformerLM(mc, rngs=rngs))
-    return state_lib.create_train_state(model_fn, tx, mesh, shd.DEFAULT_RULES, int(cfg.seed))
+    return state_lib.create_train_state(model_fn, tx, mesh, rules, int(cfg.seed))
 
 
 class Setup(NamedTuple):
