@@ -494,13 +494,9 @@ def run(cfg, workdir: str):
         return run_classifier_kd(cfg, workdir)
     objective = check_objective(cfg, "distill")
     hparams = objective_hparams(cfg)
-    task = common.build_task(cfg)
-    mesh = common.build_mesh(cfg)
+    from kljax.train import setup as setup_lib
+    task, mesh, ts = setup_lib.setup(cfg)
     teacher = _Teacher(cfg, task, mesh)
-    ts = common.create_state(cfg, mesh, task)
-    if cfg.get("init_from", ""):
-        common.check_run_exists(cfg.init_from, "init_from")
-        ts = common.init_params_from(ts, cfg.init_from, mesh)
     train_step = common.make_step(functools.partial(lm_distill_loss, objective=objective, hparams=hparams),
                                   cfg, mesh, ts)
     loader = make_loader(task.data_source("train", common.data_dir(cfg)), int(cfg.batch_size), seed=int(cfg.seed))
