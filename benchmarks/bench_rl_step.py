@@ -33,7 +33,7 @@ over `--rounds` (round r starts with contender r mod n):
   `update_actor`.
 
 Reported per contender: median and min–max of the step time over every timed step of every round (the
-first `--warmup` steps of each process compile and are dropped), completion tokens/s = 4,096 / median,
+first `--warmup` steps of each process compile and are dropped; the first one is shown separately), completion tokens/s = 4,096 / median,
 phase medians, peak RSS of the process, and the CPU seconds other processes used during the timed steps
 (a round with foreign load above 10% of a core is marked contended). Compare within a round when the
 machine's speed drifts (the per-round table). Never installs anything: the peers come from the `bench`
@@ -137,7 +137,7 @@ def child_kljax(folder: str, warmup: int, steps: int, workdir: str) -> dict:
     ph = {k: v[warmup:warmup + steps] for k, v in phases.items()}
     for k in extra:  # the loop's own phase metrics, when it logs any
         ph[k] = [r[k] for r in rows if k in r][warmup:warmup + steps]
-    return dict(step_s=step_s[warmup:warmup + steps], phases=ph, params=n_params,
+    return dict(step_s=step_s[warmup:warmup + steps], phases=ph, params=n_params, warmup_s=step_s[:warmup],
                 completion_len=[r["completions/mean_length"] for r in rows if "completions/mean_length" in r
                                 ][warmup:warmup + steps],
                 window_s=marks.get("t1", 0) - marks.get("t0", 0),
@@ -206,6 +206,7 @@ def child_trl(folder: str, warmup: int, steps: int, workdir: str) -> dict:
         phases["roll-out (sample+score+ref)"].append(prep)
     phases["update"] = [s - p for s, p in zip(step_s, phases["roll-out (sample+score+ref)"])]
     return dict(step_s=step_s[warmup:], phases={k: v[warmup:] for k, v in phases.items()}, params=n_params,
+                warmup_s=step_s[:warmup],
                 window_s=sum(step_s[warmup:]), foreign_cpu_s=C.foreign_cpu_s(marks.get("j0"), marks.get("j1")),
                 torch_threads=torch.get_num_threads(), completion_len=lengths[warmup:])
 
@@ -301,6 +302,7 @@ def child_tunix(folder: str, warmup: int, steps: int, workdir: str) -> dict:
         learner.train(train_ds)
     step_s = [b - a for a, b in zip(ends, ends[1:])]
     return dict(step_s=step_s[warmup:], phases={k: v[warmup:total] for k, v in phases.items()}, params=n_params,
+                warmup_s=step_s[:warmup],
                 window_s=sum(step_s[warmup:]), foreign_cpu_s=C.foreign_cpu_s(marks.get("j0"), marks.get("j1")),
                 completion_len=lengths[warmup:total])
 
@@ -385,7 +387,8 @@ def main(argv=None) -> None:
             if "error" in x or "skipped" in x:
                 notes.append(f"{c}, round {x['round']}: {x.get('error') or x.get('skipped')}")
         if not ok:
-            rows.append([c, "failed", "", "", "", "", "", ""])
+            what = "skipped" if all("skipped" in x for x in runs[c]) else "failed"
+            rows.append([c, what, "", "", "", "", "", "", ""])
             continue
         med, lo, hi = C.summary([s for x in ok for s in x["step_s"]])
         phase_names = list(ok[0]["phases"])
@@ -398,10 +401,11 @@ def main(argv=None) -> None:
         window = sum(x["window_s"] for x in ok)
         flag = " (contended)" if C.contended(foreign, window) else ""
         rows.append([c, C.fmt_s(med), f"{C.fmt_s(lo)}–{C.fmt_s(hi)}", f"{TOKENS / med:,.0f}", phases,
+                     C.fmt_s(C.summary([x["warmup_s"][0] for x in ok if x.get("warmup_s")])[0], 1),
                      C.fmt_bytes(max(x["peak_rss"] for x in ok)), f"{foreign:.1f} / {window:.0f}{flag}",
                      f"{ok[0]['params']:,}"])
     print(C.table(["contender", "step (s, median)", "min–max", "completion tokens/s", "phases (s, median)",
-                   "peak RSS", "other processes' CPU-s / timed wall-s", "params"], rows))
+                   "first step incl. compile (s)", "peak RSS", "other processes' CPU-s / timed wall-s", "params"], rows))
     print("\nPer round (median step s; compare within a round):\n")
     per = []
     for r in range(a.rounds):
@@ -409,7 +413,7 @@ def main(argv=None) -> None:
         for c in a.contenders:
             x = runs[c][r]
             if "step_s" not in x:
-                line.append("failed")
+                line.append("skipped" if "skipped" in x else "failed")
                 continue
             mark = " (contended)" if C.contended(x["foreign_cpu_s"], x["window_s"]) else ""
             line.append(C.fmt_s(C.summary(x["step_s"])[0]) + mark)

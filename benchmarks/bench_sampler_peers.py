@@ -169,7 +169,8 @@ def main(argv=None):
         ok = [x for x in runs[s] if "times" in x]
         notes += [f"{s}: {x.get('error') or x.get('skipped')}" for x in runs[s] if "times" not in x]
         if not ok:
-            rows.append([LABELS[s], "failed", "", "", "", "", ""])
+            rows.append([LABELS[s], "skipped" if all("skipped" in x for x in runs[s]) else "failed",
+                         "", "", "", "", ""])
             continue
         med, lo, hi = C.summary([t for x in ok for t in x["times"]])
         base = base or med
