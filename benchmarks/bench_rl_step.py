@@ -3,6 +3,7 @@
     python benchmarks/bench_rl_step.py                   # 3 rounds × (2 warm-up + 5 timed steps) per contender
     python benchmarks/bench_rl_step.py --quick           # 1 round × (1 + 1) steps: checks every contender runs
     python benchmarks/bench_rl_step.py --contenders kljax trl --rounds 5
+    JAX_PLATFORMS=cuda python benchmarks/bench_rl_step.py  # on a GPU (TRL then runs on CUDA too)
 
 Workload (issue 9, identical for every contender): Qwen2-style decoder, vocabulary 1024, 4 layers, width 256,
 4 heads × 64 (no GQA), q/k/v bias, SwiGLU 1024, RMSNorm 1e-6, RoPE θ 1e6, untied head, float32, random init
@@ -27,15 +28,16 @@ over `--rounds` (round r starts with contender r mod n):
   from TRL's own profiling hooks (`profiling_context`: `transformers.generate`, `_prepare_inputs`; the
   update is the step minus `_prepare_inputs`).
 * Tunix: `GRPOLearner` (kl_loss_mode="low_var_kl", i.e. k3; its default "kl" is k1) with the vanilla
-  rollout (top_p=1.0, which Tunix needs to sample rather than decode greedily) on one CPU device (mesh fsdp=1, tp=1), Tunix's
-  `models.qwen2` at these dimensions loaded from the folder's safetensors. Step time = the interval between
-  the ends of `_run_global_step`; phases by wrapping `RLCluster.generate`, `get_ref_per_token_logps` and
-  `update_actor`.
+  rollout (top_p=1.0, which Tunix needs to sample rather than decode greedily) on one device (mesh
+  fsdp=1, tp=1), Tunix's `models.qwen2` at these dimensions loaded from the folder's safetensors. Step
+  time = the interval between the ends of `_run_global_step`; phases by wrapping `RLCluster.generate`,
+  `get_ref_per_token_logps` and `update_actor`.
 
 Reported per contender: median and min–max of the step time over every timed step of every round (the
-first `--warmup` steps of each process compile and are dropped; the first one is shown separately), completion tokens/s = 4,096 / median,
-phase medians, peak RSS of the process, and the CPU seconds other processes used during the timed steps
-(a round with foreign load above 10% of a core is marked contended). Compare within a round when the
+first `--warmup` steps of each process compile and are dropped; the first one is shown separately),
+completion tokens/s = 4,096 / median, phase medians, peak RSS of the process (and peak device memory on a
+GPU), and the CPU seconds other processes used during the timed steps (a round with foreign load above
+10% of a core is marked contended). Compare within a round when the
 machine's speed drifts (the per-round table). Never installs anything: the peers come from the `bench`
 extra (`pip install -e .[bench]`); a contender whose package is missing is reported as skipped.
 """
@@ -139,7 +141,7 @@ def child_kljax(folder: str, warmup: int, steps: int, workdir: str) -> dict:
         ph[k] = [r[k] for r in rows if k in r][warmup:warmup + steps]
     return dict(step_s=step_s[warmup:warmup + steps], phases=ph, params=n_params, warmup_s=step_s[:warmup],
                 completion_len=[r["completions/mean_length"] for r in rows if "completions/mean_length" in r
-                                ][warmup:warmup + steps],
+                                ][warmup:warmup + steps], device_peak=C.jax_device_peak_bytes(),
                 window_s=marks.get("t1", 0) - marks.get("t0", 0),
                 foreign_cpu_s=C.foreign_cpu_s(marks.get("j0"), marks.get("j1")))
 
@@ -158,6 +160,7 @@ def child_trl(folder: str, warmup: int, steps: int, workdir: str) -> dict:
     from rl_workload_reward import even_fraction
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    on_gpu = torch.cuda.is_available()
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params == C.WORKLOAD_PARAMS, f"TRL (transformers) model has {n_params} parameters"
     tok = C.workload_tokenizer(folder)
@@ -168,7 +171,7 @@ def child_trl(folder: str, warmup: int, steps: int, workdir: str) -> dict:
         beta=W["beta"], epsilon=0.2, learning_rate=W["lr"], lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, per_device_train_batch_size=ROWS, gradient_accumulation_steps=1,
         num_generations=W["group"], max_completion_length=W["new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
-        max_steps=total, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+        max_steps=total, logging_steps=1, save_strategy="no", report_to="none", use_cpu=not on_gpu, bf16=False,
         fp16=False, seed=0, dataloader_num_workers=0, shuffle_dataset=False, disable_tqdm=True)
     ends, marks = [], {}
     phase_log = []
@@ -208,7 +211,8 @@ def child_trl(folder: str, warmup: int, steps: int, workdir: str) -> dict:
     return dict(step_s=step_s[warmup:], phases={k: v[warmup:] for k, v in phases.items()}, params=n_params,
                 warmup_s=step_s[:warmup],
                 window_s=sum(step_s[warmup:]), foreign_cpu_s=C.foreign_cpu_s(marks.get("j0"), marks.get("j1")),
-                torch_threads=torch.get_num_threads(), completion_len=lengths[warmup:])
+                torch_threads=torch.get_num_threads(), completion_len=lengths[warmup:],
+                device_peak=C.torch_device_peak_bytes())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -304,7 +308,7 @@ def child_tunix(folder: str, warmup: int, steps: int, workdir: str) -> dict:
     return dict(step_s=step_s[warmup:], phases={k: v[warmup:total] for k, v in phases.items()}, params=n_params,
                 warmup_s=step_s[:warmup],
                 window_s=sum(step_s[warmup:]), foreign_cpu_s=C.foreign_cpu_s(marks.get("j0"), marks.get("j1")),
-                completion_len=lengths[warmup:total])
+                completion_len=lengths[warmup:total], device_peak=C.jax_device_peak_bytes())
 
 
 def _length_recording(fn, lengths):
@@ -341,6 +345,11 @@ def child_main(a) -> None:
         res = dict(skipped=f"{a.child} not importable ({e}); install the bench extra")
     res["peak_rss"] = C.peak_rss_bytes()
     C.emit_result(res)
+
+
+def _device_peak(ok) -> str:
+    peaks = [x["device_peak"] for x in ok if x.get("device_peak")]
+    return f" (device {C.fmt_bytes(max(peaks))})" if peaks else ""
 
 
 def main(argv=None) -> None:
@@ -402,10 +411,10 @@ def main(argv=None) -> None:
         flag = " (contended)" if C.contended(foreign, window) else ""
         rows.append([c, C.fmt_s(med), f"{C.fmt_s(lo)}–{C.fmt_s(hi)}", f"{TOKENS / med:,.0f}", phases,
                      C.fmt_s(C.summary([x["warmup_s"][0] for x in ok if x.get("warmup_s")])[0], 1),
-                     C.fmt_bytes(max(x["peak_rss"] for x in ok)), f"{foreign:.1f} / {window:.0f}{flag}",
+                     C.fmt_bytes(max(x["peak_rss"] for x in ok)) + _device_peak(ok), f"{foreign:.1f} / {window:.0f}{flag}",
                      f"{ok[0]['params']:,}"])
     print(C.table(["contender", "step (s, median)", "min–max", "completion tokens/s", "phases (s, median)",
-                   "first step incl. compile (s)", "peak RSS", "other processes' CPU-s / timed wall-s", "params"], rows))
+                   "first step incl. compile (s)", "peak RSS (device)", "other processes' CPU-s / timed wall-s", "params"], rows))
     print("\nPer round (median step s; compare within a round):\n")
     per = []
     for r in range(a.rounds):
