@@ -82,5 +82,6 @@ def get_config(arg: str = "fkl"):
         phi=0.5,                    # DistiLLM: max probability of student data
         replay_size=64 if smoke else 256,
         replay_ratio="decreasing",
+        teacher_sharding="fsdp",    # the teacher's parameter layout: fsdp | tensor (tensor-parallel)
     ))
     return c

@@ -341,12 +341,12 @@ def param_count(cfg: Any) -> int:
     """Number of trainable parameters of `cfg.model` (abstract: nothing is allocated)."""
     import jax
     from flax import nnx
-    from kljax.train import common
+    from kljax.train import setup as setup_lib
     if cfg.get("loop", "") == "distill" and "num_classes" in cfg.model:
         from kljax.train.distill import model_from_config
         build = lambda: model_from_config(cfg.model, nnx.Rngs(0))  # noqa: E731
     else:
-        mc = common.model_config(cfg)
+        mc = setup_lib.model_config(cfg)
         from kljax.models import TransformerLM
         build = lambda: TransformerLM(mc, rngs=nnx.Rngs(0))  # noqa: E731
     model = nnx.eval_shape(build)
@@ -357,7 +357,7 @@ def dry_run(cfg: Any, plan: Plan, workdir: str | None) -> None:
     """Print the resolved config (fields differing from the experiment's defaults marked `*`), the
     mesh and the parameter count. Writes nothing."""
     import jax
-    from kljax.train import common
+    from kljax.train import setup as setup_lib
     now, base = _flat(cfg), _flat(plan.defaults) if plan.defaults is not None else {}
     print(f"config {plan.spec} (validated; * = differs from the experiment's default):")
     for k in sorted(now):
@@ -372,7 +372,7 @@ def dry_run(cfg: Any, plan: Plan, workdir: str | None) -> None:
         stages = [(name, s) for name, s, _ in pipeline.stage_configs(cfg, workdir or "<workdir>")]
     for name, s in stages:
         label = f"stage {name}: " if name else ""
-        mesh = common.build_mesh(s)
+        mesh = setup_lib.build_mesh(s)
         print(f"{label}mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
               f"{param_count(s):,} parameters")
     print(f"workdir: {workdir or '(none given)'} — nothing was written (dry run).")
@@ -462,10 +462,13 @@ FIELD_DOCS: dict[str, str] = {
     "rl.dynamic_sampling": "DAPO: drop groups with equal rewards and resample",
     "rl.max_sampling_rounds": "DAPO: most sampling rounds per roll-out",
     "rl.teacher_from": "workdir of a teacher run (KDRL)",
+    "rl.reference_sharding": "the reference's parameter layout: fsdp (the policy's) | tensor (tensor-parallel over fsdp × tensor devices, embed replicated)",
+    "rl.teacher_sharding": "the teacher's parameter layout: fsdp | tensor (as rl.reference_sharding)",
     "rl.vocab_tile": "update log-probs/entropy by vocabulary tiles from hidden states: tile size, 0 = dense logits, -1 = auto (8192 when V >= 32768 and the objective needs no full logits)",
     "distill": "knowledge distillation (kljax/train/distill.py)",
     "distill.teacher_from": "teacher workdir, or 'source' (synthetic_lm's exact distribution)",
     "distill.teacher_hf_path": "instead of teacher_from: a Hugging Face teacher folder sharing the student's tokenizer",
+    "distill.teacher_sharding": "the teacher's parameter layout: fsdp (the student's) | tensor (tensor-parallel over fsdp × tensor devices, embed replicated)",
     "distill.teacher_smoothing": "mix of the uniform distribution into the 'source' teacher",
     "distill.data": "dataset | student (GKD) | onpolicy | teacher (sequence KD) | adaptive (DistiLLM)",
     "distill.lam": "GKD: probability of student-generated data",

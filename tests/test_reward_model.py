@@ -12,7 +12,7 @@ from flax import nnx
 import hf_fixtures as hfx
 from kljax.config import ConfigError
 from kljax.models import TransformerLM, lm_config, positions_from_valid
-from kljax.train import common
+from kljax.train import common, evaluation as eval_lib, runs as runs_lib, setup as setup_lib
 from kljax.train import reward_model as rm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,8 +125,8 @@ def test_reward_model_smoke_through_main_learns_pairs(rm_run, user):
     # the trained workdir loads as a reward function and scores the held-out pairs as the run's eval did
     from kljax.train import sharding as shd
     mesh = shd.make_mesh({"data": -1})
-    cfg = common.read_config(wd)
-    rec = common.test_records(cfg, common.build_task(cfg), "test")
+    cfg = runs_lib.read_config(wd)
+    rec = eval_lib.test_records(cfg, setup_lib.build_task(cfg), "test")
     score = rm.load_reward_fn(wd, mesh)
     rc = np.asarray(score(rec["prompt"], rec["prompt_valid"], rec["chosen"], rec["chosen_valid"]))
     rr = np.asarray(score(rec["prompt"], rec["prompt_valid"], rec["rejected"], rec["rejected_valid"]))
@@ -273,14 +273,14 @@ def test_init_from_run_without_value_head_keeps_a_fresh_head():
         lm_config(vocab_size=11, width=width, depth=1, num_heads=2, max_len=8, value_head=head), rngs=nnx.Rngs(seed)),
         nnx.Param)
     sft, rmodel = mk("none", seed=1), mk("scalar", seed=2)
-    merged = common.merge_params(rmodel, sft)
+    merged = runs_lib.merge_params(rmodel, sft)
     flat = lambda t: {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(t)[0]}
     m, s_, r_ = flat(merged), flat(sft), flat(rmodel)
     assert set(m) == set(r_) and set(m) - set(s_) and all("value_" in k for k in set(m) - set(s_))
     for k in m:
         np.testing.assert_array_equal(m[k], s_[k] if k in s_ else r_[k])
-    assert common.merge_params(sft, rmodel) is None          # a head the target lacks
-    assert common.merge_params(mk("scalar", width=8), sft) is None  # a shape differs
+    assert runs_lib.merge_params(sft, rmodel) is None          # a head the target lacks
+    assert runs_lib.merge_params(mk("scalar", width=8), sft) is None  # a shape differs
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 with one line and exit status 2; faults (full disk, failed save, corrupted checkpoint, SIGTERM/SIGINT)
 stop the run cleanly and the rerun resumes; a finished run is never changed by a rerun.
 
-The fault tests drive `common.run_loop` in-process with a two-number state (no model, no compile);
+The fault tests drive `driver.run_loop` in-process with a two-number state (no model, no compile);
 `kljax.main` is called in-process with argv; one subprocess test sends a real SIGTERM.
 """
 import errno
@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from kljax.train import checkpoint, common, interrupt, metrics
+from kljax.train import checkpoint, common, driver, interrupt, metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SG = os.path.join(REPO, "experiments", "star_graph.py")
@@ -207,12 +207,12 @@ def tiny_eval(state):
 
 
 def run_tiny(wd, cfg=None, step_fn=tiny_step):
-    return common.run_loop(cfg or tiny_cfg(), wd, state=tiny_state(), step_fn=step_fn, batches=None,
+    return driver.run_loop(cfg or tiny_cfg(), wd, state=tiny_state(), step_fn=step_fn, batches=None,
                            eval_fn=tiny_eval)
 
 
 def restored(wd, cfg=None):
-    mgr = common.checkpoint_manager(cfg or tiny_cfg(), wd)
+    mgr = driver.checkpoint_manager(cfg or tiny_cfg(), wd)
     try:
         return mgr.all_steps(), mgr.restore_latest(tiny_state())
     finally:
@@ -451,7 +451,7 @@ def _mp_worker(workdir):
         return step(s, b)
 
     try:
-        common.run_loop(tiny_cfg(total=60, every=1000), workdir, state=state, step_fn=step_fn, batches=None)
+        driver.run_loop(tiny_cfg(total=60, every=1000), workdir, state=state, step_fn=step_fn, batches=None)
     except interrupt.Interrupted as e:
         print(f"STOPPED process={jax.process_index()} step={e.step}", flush=True)
         sys.exit(143)

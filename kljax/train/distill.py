@@ -212,6 +212,7 @@ def validate(cfg, check_paths: bool = True) -> None:
                 "digits KD needs `distill.teacher_model = classifier_config(...)` for the teacher.")
         return
     data = require(cfg, "distill.data", lambda v: v in DATA_SOURCES, f"use one of {DATA_SOURCES}.")
+    sharding.layout_rules(cfg, "distill.teacher_sharding")
     if cfg.distill.get("teacher_hf_path", ""):  # a Hugging Face teacher sharing the student's tokenizer
         if cfg.distill.get("teacher_from", ""):
             raise ConfigError("set one of `distill.teacher_from` and `distill.teacher_hf_path`, not both.")
@@ -295,7 +296,8 @@ class _Teacher:
             self.smoothing = float(cfg.distill.get("teacher_smoothing", 0.0))
         else:
             common.check_run_exists(spec, "distill.teacher_from")
-            self.model = common.load_model_from(spec, mesh or common.build_mesh(cfg))
+            self.model = common.load_model_from(spec, mesh or common.build_mesh(cfg),
+                                                rules=sharding.layout_rules(cfg, "distill.teacher_sharding"))
             if self.model.vocab_size != task.vocab_size:
                 raise ConfigError(f"config field `distill.teacher_from` = {spec!r}: teacher vocabulary "
                                   f"{self.model.vocab_size} != task vocabulary {task.vocab_size}.")
@@ -328,8 +330,9 @@ class _Teacher:
             self.vocab = aligned_vocab_size(self.model.vocab_size, mc.vocab_size, task.vocab_size)
         except ValueError as e:
             raise ConfigError(f"config field `distill.teacher_hf_path` = {path!r}: {e}") from None
-        graphdef, params, rest = state_lib.shard_model(self.model, mesh or common.build_mesh(cfg))
-        n = self.vocab
+        graphdef, params, rest = state_lib.shard_model(self.model, mesh or common.build_mesh(cfg),
+                                                       sharding.layout_rules(cfg, "distill.teacher_sharding"))
+        n, self.params = self.vocab, params
         fwd = jax.jit(lambda params, rest, t, p, v: nnx.merge(graphdef, params, rest)(t, positions=p, valid=v)[..., :n])
         self._fwd = lambda t, p, v: fwd(params, rest, t, p, v)
 

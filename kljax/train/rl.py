@@ -159,6 +159,8 @@ def validate(cfg: Any, check_paths: bool = True) -> None:
             common.check_run_exists(r.teacher_from, "rl.teacher_from")
     from kljax.train import reward_model
     reward_model.check_model_reward(cfg, check_paths)
+    for field in ("rl.reference_sharding", "rl.teacher_sharding"):
+        shd.layout_rules(cfg, field)
     if name == "kdrl" and not r.get("teacher_from", ""):
         raise ConfigError("objective 'kdrl' needs a teacher: set config field `rl.teacher_from` to a trained run's "
                           "workdir.")
@@ -407,6 +409,15 @@ def create_critic(sched_cfg: Any, mesh: Any, task: Any, policy_params: Any) -> s
     return ts.replace(params=params)
 
 
+def reference_layout(cfg: Any, ts: Any, mesh: jax.sharding.Mesh):
+    """`params -> copy` placed in the reference's layout (`rl.reference_sharding`, default the policy's)."""
+    rules = shd.layout_rules(cfg, "rl.reference_sharding")
+    if rules is shd.DEFAULT_RULES:
+        return lambda params: jax.tree.map(lambda x: x.copy(), params)
+    sharding, _ = state_lib.model_shardings(ts.model(), mesh, rules)
+    return lambda params: jax.device_put(jax.tree.map(lambda x: x.copy(), params), sharding)
+
+
 def run(cfg: Any, workdir: str) -> dict:
     """Train `cfg.total_steps` roll-outs in `workdir` (resuming); return the final evaluation."""
     r = cfg.rl
@@ -425,10 +436,11 @@ def run(cfg: Any, workdir: str) -> dict:
     ts = common.create_state(sched_cfg, mesh, task)
     if cfg.get("init_from", ""):  # else the model.hf_path checkpoint's params (also the reference)
         ts = common.init_params_from(ts, cfg.init_from, mesh)
-    ref_params = jax.tree.map(lambda x: x.copy(), ts.params)
+    ref_layout = reference_layout(cfg, ts, mesh)
+    ref_params = ref_layout(ts.params)
     teacher = None
     if r.get("teacher_from", ""):
-        teacher_ts, _ = common.load_state_from(r.teacher_from, mesh)
+        teacher_ts, _ = common.load_state_from(r.teacher_from, mesh, rules=shd.layout_rules(cfg, "rl.teacher_sharding"))
         teacher = (teacher_ts.graphdef, teacher_ts.params, teacher_ts.model_state)
     gae_opts = _gae_opts(cfg)
     separate = critic_kind(cfg) == "separate"
@@ -591,7 +603,7 @@ def run(cfg: Any, workdir: str) -> dict:
         out.update(gae_stats)
         new_ref = st.ref_params
         if r.get("reference", "fixed") == "reset" and (step + 1) % int(r.reset_every) == 0:
-            new_ref = jax.tree.map(lambda x: x.copy(), train.params)
+            new_ref = ref_layout(train.params)
             out["reference_reset"] = 1.0
         return RLState(train=train, ref_params=new_ref, step=st.step + 1, kl_coef=kl_coef, critic=critic), out
 
