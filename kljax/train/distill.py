@@ -346,6 +346,14 @@ class _Teacher:
         return self._fwd(b["tokens"], b["positions"], b["valid"]).astype(jnp.float32)
 
 
+def _vocab_limit(limit, logits, state):
+    """Logits processor: ids >= `limit` are never sampled. MiniLLM scores the student's samples with its
+    logits cut to the teacher-aligned vocabulary (padding rows dropped), so it must sample from exactly that
+    renormalized distribution."""
+    del state
+    return jnp.where(jnp.arange(logits.shape[-1]) < limit, logits, -jnp.inf)
+
+
 def _source_sample(task, prompts, n, key):
     """Completions sampled from synthetic_lm's true source (the 'source' teacher), [B, N] + mask."""
     seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
@@ -373,6 +381,9 @@ class _DistillData:
         self.replay: list = []
         self.replay_size = int(cfg.distill.get("replay_size", 0) or 0)
         self.counts = {"dataset": 0, "student": 0, "teacher": 0, "replay": 0}
+        limit = getattr(teacher, "vocab", None) if cfg.objective.get("name", "") == "minillm" else None
+        # One Partial object for the run, so `generate` reuses its compilation.
+        self.student_processor = None if limit is None else jax.tree_util.Partial(_vocab_limit, jnp.int32(limit))
 
     def __iter__(self):
         return self
@@ -424,8 +435,9 @@ class _DistillData:
         model = student if which == "student" else self.teacher.model
         # This process's prompts, sampled under the mesh; the completions come back as its own rows.
         dev = sharding.shard_batch({"p": np.asarray(prompts), "v": np.asarray(pv)}, self.mesh)
+        proc = self.student_processor if which == "student" else None
         out = generate(model, dev["p"], dev["v"], key, n, self.task.eos_id, temperature=self.temperature,
-                       pad_id=self.task.pad_id)
+                       pad_id=self.task.pad_id, logits_processor=proc)
         return sharding.local_rows(out.tokens, self.mesh), sharding.local_rows(out.mask, self.mesh)
 
     def batch(self, step: int, student, raw: dict) -> tuple[dict, str]:
