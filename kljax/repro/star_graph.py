@@ -437,7 +437,11 @@ def _run_graph(cfg: dict, g: dict, out: str, partial=lambda res: None) -> dict:
             wd = _stage_dir(base, f"critic-{kind}-{init}-{labels}-{n}", qc)
             del qc.labels
             t0 = time.time()
-            if kind == "Q":
+            cache = os.path.join(wd, "repro_point.json")
+            if os.path.exists(cache):  # a rerun reuses a finished point (the stage itself is skipped anyway)
+                with open(cache) as f:
+                    dec, train_dec, guided, t_point = json.load(f)
+            elif kind == "Q":
                 seed_file = os.path.join(os.path.abspath(wd), "qsharp_data", "round_0.npz")
                 if not os.path.exists(seed_file):
                     os.makedirs(os.path.dirname(seed_file), exist_ok=True)
@@ -460,10 +464,13 @@ def _run_graph(cfg: dict, g: dict, out: str, partial=lambda res: None) -> dict:
                 guided = v_guided_eval(ref, critic, task, records, jax.random.PRNGKey(5),
                                        etas=tuple(qc.qsharp.etas), guidances=tuple(qc.qsharp.guidances),
                                        candidates=int(cfg["mc"]["candidates"]))
+            if not os.path.exists(cache):
+                t_point = time.time() - t0
+                common.write_json(cache, [dec, train_dec, guided, t_point])
             point = {"variant": variant["name"], "rollouts": n, "decision_accuracy": dec,
                      "train_decision_accuracy": train_dec,
                      "guided_accuracy": guided[f"qsharp/eta={e_curve:g}"]["accuracy"],
-                     "guided_kl_seq": guided[f"qsharp/eta={e_curve:g}"]["kl_seq"], "wall_s": time.time() - t0}
+                     "guided_kl_seq": guided[f"qsharp/eta={e_curve:g}"]["kl_seq"], "wall_s": t_point}
             curve.append(point)
             print(f"[star_graph {gname}] critic {variant['name']} n={n}: {point}", flush=True)
             partial(res)
