@@ -134,6 +134,15 @@ def _stage_dir(base: str, name: str, cfg) -> str:
     return os.path.join(base, f"{name}-{_digest(cfg)}")
 
 
+def _train_wall(workdir: str) -> float | None:
+    """Wall time of the training run in `workdir` when it ran (its eval.json), also after a rerun skipped it."""
+    try:
+        with open(os.path.join(workdir, "eval.json")) as f:
+            return float(json.load(f)["wall_s"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def _graph_name(g: dict) -> str:
     return f"G({g['degree']},{g['path_len']},{g['num_nodes']})"
 
@@ -470,7 +479,8 @@ def _run_graph(cfg: dict, g: dict, out: str, partial=lambda res: None) -> dict:
             point = {"variant": variant["name"], "rollouts": n, "decision_accuracy": dec,
                      "train_decision_accuracy": train_dec,
                      "guided_accuracy": guided[f"qsharp/eta={e_curve:g}"]["accuracy"],
-                     "guided_kl_seq": guided[f"qsharp/eta={e_curve:g}"]["kl_seq"], "wall_s": t_point}
+                     "guided_kl_seq": guided[f"qsharp/eta={e_curve:g}"]["kl_seq"], "eval_wall_s": t_point,
+                     "train_wall_s": _train_wall(wd)}
             curve.append(point)
             print(f"[star_graph {gname}] critic {variant['name']} n={n}: {point}", flush=True)
             partial(res)
@@ -547,10 +557,11 @@ def _write_markdown(cfg: dict, results: dict, out: str) -> None:
                       f"graphs); *Q♯ acc.* = Q♯-guided accuracy at η = {cfg['curve']['eval_eta']:g}:", "",
                       common.markdown_table(
                           ["critic (init/labels)", "roll-outs", "decision acc. (test)", "decision acc. (train)",
-                           "Q♯ acc.", "Q♯ KL/seq", "wall (s)"],
+                           "Q♯ acc.", "Q♯ KL/seq", "critic training wall (s)"],
                           [[p["variant"], p["rollouts"], f"{p['decision_accuracy']:.3f}",
                             f"{p['train_decision_accuracy']:.3f}", f"{p['guided_accuracy']:.3f}",
-                            f"{p['guided_kl_seq']:.3f}", f"{p['wall_s']:.0f}"] for p in gr["curve"]]), ""]
+                            f"{p['guided_kl_seq']:.3f}", "—" if p.get("train_wall_s") is None else f"{p['train_wall_s']:.0f}"]
+                           for p in gr["curve"]]), ""]
         lines += ["Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in gr["stage_wall_s"].items()), ""]
     lines += [_SETTINGS_NOTE, ""]
     with open(os.path.join(out, "results.md"), "w") as f:
