@@ -27,7 +27,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "hypothesis>=6.100,<7", "transformers>=4.45,<6", "torch>=2.4,<3"],
-        "bench": ["pytest-benchmark>=4"],
+        # Peers for benchmarks/ (issue 9); versions verified installable with jax 0.10.2 here.
+        "bench": ["pytest-benchmark>=4", "torch>=2.4,<3", "transformers>=4.45,<6", "trl>=1.16,<2",
+                  "google-tunix>=0.1.7,<0.2"],
         "cuda": ["jax[cuda12]>=0.10,<0.11"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         # TPU compiler for `kljax.aot` (compiling for a TPU topology on a machine without one); the

@@ -61,13 +61,13 @@ def param_bytes_per_device(devices: int) -> int:
     import numpy as np
 
     from kljax.models.transformer import TransformerLM
-    from kljax.train import common, state
+    from kljax.train import common, setup as setup_lib, state
     from kljax.train import sharding as shd
     cfg = common.load_config_file(os.path.join(REPO, "experiments", "arithmetic.py") + ":grpo")
     mesh = shd.make_mesh({"data": 1, "fsdp": devices, "tensor": 1}, jax.devices()[:devices])
-    mc = common.model_config(cfg)
+    mc = setup_lib.model_config(cfg)
     ts = state.abstract_train_state(lambda rngs: TransformerLM(mc, rngs=rngs),
-                                    state.optimizer_from_config(common.optim_config(cfg)), mesh)
+                                    state.optimizer_from_config(setup_lib.optim_config(cfg)), mesh)
     return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(ts.params))
 
 

@@ -20,10 +20,11 @@ Peak memory is the compiled program's temporary buffer size (``compiled.memory_a
 processes used during its measurement (from /proc/stat), so a run on a shared machine is marked
 rather than reported as clean. Peers, when importable (they are in the ``bench`` extra; this script
 never installs them): TRL's PyTorch path (``h @ W`` in torch, then ``trl.trainer.utils.
-selective_log_softmax`` + ``entropy_from_logits``; ``GKDTrainer.generalized_jsd_loss``) and Tunix's
+selective_log_softmax`` + ``entropy_from_logits``; ``GKDTrainer.generalized_jsd_loss``, from ``trl.experimental.gkd`` in trl ≥ 1.0) and Tunix's
 ``tunix.rl.common.selective_log_softmax`` on dense JAX logits (Tunix's own log-prob path; its
 entropy is computed with ``ops.entropy``). Torch memory is ``torch.cuda.max_memory_allocated`` on a
-GPU and not measured on CPU.
+GPU and not measured on CPU. The TRL rows run in a child process that never starts XLA (in the
+same process as the JAX rows, torch's CPU threads competed with XLA's thread pool and ran 2-3× slower).
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
 from kljax import divergences as dv
 from kljax import ops
 
@@ -89,24 +92,8 @@ KLJAX = {
 # Measurement
 # --------------------------------------------------------------------------------------------
 
-def _busy_jiffies():
-    """(total busy jiffies of the machine, this process's jiffies); None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            cpu = [int(x) for x in f.readline().split()[1:]]
-        with open(f"/proc/{os.getpid()}/stat") as f:
-            own = f.read().rsplit(")", 1)[1].split()
-        busy = sum(cpu) - cpu[3] - cpu[4]  # minus idle and iowait
-        return busy, int(own[11]) + int(own[12])
-    except OSError:
-        return None
-
-
-def _foreign_cpu_s(before, after):
-    if before is None or after is None:
-        return float("nan")
-    hz = os.sysconf("SC_CLK_TCK")
-    return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / hz
+_busy_jiffies = C.busy_jiffies
+_foreign_cpu_s = C.foreign_cpu_s
 
 
 def _measure_jax(loss, chunk, args, repeats, memory_only):
@@ -135,9 +122,16 @@ def _measure_trl(kind, n, d, v, repeats, memory_only, seed=0):
     try:
         import torch
         from trl.trainer.utils import entropy_from_logits, selective_log_softmax
-        from trl import GKDTrainer
     except Exception as e:  # noqa: BLE001
-        return None, f"trl/torch not importable ({type(e).__name__}); TRL rows skipped"
+        return None, f"trl/torch not importable ({type(e).__name__}: {e}); TRL rows skipped"
+    try:
+        from trl import GKDTrainer  # trl < 1.0
+    except ImportError:
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        try:
+            from trl.experimental.gkd import GKDTrainer  # trl >= 1.0 moved GKD to experimental
+        except Exception as e:  # noqa: BLE001
+            return None, f"trl's GKDTrainer not importable ({type(e).__name__}: {e}); TRL rows skipped"
     if memory_only:
         return None, "--memory-only: TRL rows skipped (torch has no compile-time memory analysis)"
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,6 +167,20 @@ def _measure_trl(kind, n, d, v, repeats, memory_only, seed=0):
     return (peak, statistics.median(times), foreign), None
 
 
+def _measure_trl_in_child(kind, n, d, v, repeats, memory_only):
+    """`_measure_trl` in a fresh process: torch's threads measured in this process, after XLA's CPU thread
+    pool has started, ran 2-3× slower on this 2-core machine."""
+    if memory_only:
+        return _measure_trl(kind, n, d, v, repeats, memory_only)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = C.run_child(__file__, ["--trl-child", kind, n, d, v, repeats], 1800, repo)
+    if "error" in res:
+        return None, f"TRL child failed: {res['error'][-300:]}"
+    if res.get("note"):
+        return None, res["note"]
+    return tuple(res["result"]), None
+
+
 def _inputs(n, d, v, dtype, seed=0):
     k = jax.random.split(jax.random.PRNGKey(seed), 5)
     h = jax.random.normal(k[0], (n, d), dtype)
@@ -202,7 +210,12 @@ def main(argv=None):
     ap.add_argument("--losses", nargs="+", default=list(KLJAX), choices=list(KLJAX))
     ap.add_argument("--memory-only", action="store_true", help="compile and report memory; run nothing")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (64 tokens, hidden 32, V 1000/3001)")
+    ap.add_argument("--trl-child", nargs=5, help=argparse.SUPPRESS)  # kind n d v repeats
     args = ap.parse_args(argv)
+    if args.trl_child:
+        kind, n, d, v, r = args.trl_child
+        res, note = _measure_trl(kind, int(n), int(d), int(v), int(r), False)
+        return C.emit_result(dict(result=res, note=note))
     if args.quick:
         args.tokens, args.hidden, args.vocab, args.chunk, args.repeats = [64], 32, [1000, 3001], 512, 1
     dtype = jnp.dtype(args.dtype)
@@ -223,7 +236,7 @@ def main(argv=None):
                 for name, loss in contenders.items():
                     print(f"{kind} tokens={n} V={v}: {name} ...", file=sys.stderr, flush=True)
                     results[name] = _measure_jax(loss, args.chunk, inputs, args.repeats, args.memory_only)
-                trl, note = _measure_trl(kind, n, args.hidden, v, args.repeats, args.memory_only)
+                trl, note = _measure_trl_in_child(kind, n, args.hidden, v, args.repeats, args.memory_only)
                 if note and note not in notes:
                     notes.append(note)
                 if trl is not None:

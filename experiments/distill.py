@@ -2,7 +2,8 @@
 
     python -m kljax.main --config=experiments/distill.py:<objective>[,<data>] --workdir=runs/distill_<objective>
 
-<objective>: any registered distillation divergence: kd fkl rkl jsd skl srkl tvd akl bdkd alpha ab tsallis nkd.
+<objective>: any registered distillation divergence: kd fkl rkl jsd skl srkl tvd akl bdkd alpha ab tsallis nkd,
+             or minillm (policy-gradient sequence reverse KL; on the student's own samples, `onpolicy`, only).
 <data>: dataset (off-policy, default) | student (GKD, λ = 0.5 on-policy) | onpolicy (λ = 1) |
         teacher (sequence KD) | adaptive (DistiLLM's schedule, φ = 0.5, replay buffer).
 `smoke`: a few steps of a tiny student, for CI.
@@ -48,7 +49,8 @@ def get_config(arg: str = "fkl"):
     smoke = "smoke" in parts
     parts = [p for p in parts if p != "smoke"]
     objective = parts[0] if parts else "fkl"
-    data, lam = DATA[parts[1] if len(parts) > 1 else "dataset"]
+    # MiniLLM's policy gradient is only unbiased on the student's own samples: on-policy by default.
+    data, lam = DATA[parts[1] if len(parts) > 1 else ("onpolicy" if objective == "minillm" else "dataset")]
 
     c = ml_collections.ConfigDict()
     c.loop = "distill"
@@ -80,5 +82,6 @@ def get_config(arg: str = "fkl"):
         phi=0.5,                    # DistiLLM: max probability of student data
         replay_size=64 if smoke else 256,
         replay_ratio="decreasing",
+        teacher_sharding="fsdp",    # the teacher's parameter layout: fsdp | tensor (tensor-parallel)
     ))
     return c

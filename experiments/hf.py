@@ -26,6 +26,8 @@ Args (comma-separated; add `smoke` for a few steps on a tiny local model, as the
          python -m kljax.main --config=experiments/hf.py:ppo --workdir=runs/hf/ppo \\
              --config.model.hf_path=/models/Qwen2.5-0.5B-Instruct --config.task.reward=model:runs/hf/rm \\
              --config.task.train_files=data/prompts.jsonl --config.task.test_files=data/prompts_test.jsonl
+  ,separate  (with ppo) the critic is a second model (model.hf_path's trunk + a scalar head) with its own
+         optimizer (rl.critic_lr; 0 = optim.learning_rate), TRL's separate `value_model`
 
   distill  on-policy distillation (GKD, JSD β = 0.5, λ = 0.5) into model.hf_path from a larger teacher
          that shares its tokenizer:
@@ -137,14 +139,19 @@ def reward_model_config(smoke: bool) -> ml_collections.ConfigDict:
     return c
 
 
-def ppo_config(smoke: bool) -> ml_collections.ConfigDict:
-    """PPO with a critic sharing the policy's trunk (rl.advantage = "gae"), per-token KL reward β = rl.kl_coef
+def ppo_config(smoke: bool, separate: bool = False) -> ml_collections.ConfigDict:
+    """PPO with a critic sharing the policy's trunk (`separate`: a second value model; rl.advantage = "gae"),
+    per-token KL reward β = rl.kl_coef
     (adaptive toward rl.kl_target when > 0), reward `task.reward` (e.g. "model:runs/hf/rm")."""
     c = rl_base_config(dict(name="ppo", beta=0.0, clip_eps_low=0.2))
     _model(c, smoke)
     c.model.value_head = "scalar"
     c.task = _task(smoke)
     c.rl.advantage = "gae"
+    c.rl.critic = "separate" if separate else "shared"  # a second value model, or a head on the policy's trunk
+    c.rl.critic_lr = 0.0  # the separate critic's learning rate (0: optim.learning_rate)
+    if separate:
+        c.model.value_head = "none"
     c.rl.update(dict(gamma=1.0, lam=0.95, vf_coef=0.1, value_clip=0.2, kl_coef=0.05, kl_target=6.0,
                      kl_horizon=10000.0, whiten_advantages=True))
     c.rl.group_size, c.rl.prompts_per_step, c.rl.minibatch_size, c.rl.updates_per_rollout = 1, 64, 16, 4
@@ -175,7 +182,7 @@ def distill_config(smoke: bool) -> ml_collections.ConfigDict:
     c.distill = ml_collections.ConfigDict(dict(
         teacher_from="", teacher_hf_path="",  # teacher_hf_path: a Hugging Face folder (same tokenizer)
         data="student", lam=0.5, temperature=1.0, teacher_smoothing=0.0, phi=0.5, replay_size=0,
-        replay_ratio="decreasing"))
+        replay_ratio="decreasing", teacher_sharding="fsdp"))
     c.optim.learning_rate = 1e-5
     c.optim.warmup_steps = 20
     c.total_steps, c.batch_size = 500, 32
@@ -195,9 +202,11 @@ CONFIGS = {"sft": sft_config, "grpo": grpo_config, "reward_model": reward_model_
 def get_config(arg: str = "grpo") -> ml_collections.ConfigDict:
     parts = [p for p in (arg or "grpo").split(",") if p]
     smoke = "smoke" in parts
-    names = [p for p in parts if p != "smoke"] or ["grpo"]
-    if len(names) != 1 or names[0] not in CONFIGS:
-        raise ValueError(f"experiments/hf.py: give one of {sorted(CONFIGS)} (optionally with ',smoke'); got {arg!r}")
-    c = CONFIGS[names[0]](smoke)
+    separate = "separate" in parts
+    names = [p for p in parts if p not in ("smoke", "separate")] or ["grpo"]
+    if len(names) != 1 or names[0] not in CONFIGS or (separate and names[0] != "ppo"):
+        raise ValueError(f"experiments/hf.py: give one of {sorted(CONFIGS)} (optionally with ',smoke'; "
+                         f"',separate' with ppo only); got {arg!r}")
+    c = ppo_config(smoke, separate) if names[0] == "ppo" else CONFIGS[names[0]](smoke)
     c.lock()
     return c

@@ -107,6 +107,7 @@ def qsharp_config(kind: str, smoke: bool, small: bool):
         etas=(1.0, 0.1, 0.01),       # evaluated with the one final critic
         guidances=("qsharp", "cd"),
         top_k=10, temperature=1.0,   # decoding as in the Q♯ star-graph code
+        top_k_rest="mask",           # tokens outside π_ref's top-k: −inf (star-graph code) | "reference" (math code)
         critic_init="reference",     # start the critic's body from π_ref ("scratch": fresh)
         v_min=0.0, v_max=1.0,        # histogram support (num_atoms atoms evenly spaced)
     ))

@@ -120,20 +120,20 @@ def _lower_logp(ts, mesh, rows: int, seq_len: int, prompt_len: int, chunk_rows: 
 
 
 def _lower_step(loss_fn: Callable, cfg, mesh, ts, batch: dict, schedule_cfg=None):
-    from kljax.train import common
+    from kljax.train import setup as setup_lib
     from kljax.train import state as state_lib
     step = state_lib.make_train_step(loss_fn, mesh, state_lib.state_sharding(ts),
-                                     schedule=common.schedule(schedule_cfg or cfg))
+                                     schedule=setup_lib.schedule(schedule_cfg or cfg))
     return step.lower(ts, batch)
 
 
 def _abstract_state(cfg, mesh, task):
     from kljax.models.transformer import TransformerLM
-    from kljax.train import common
+    from kljax.train import setup as setup_lib
     from kljax.train import sharding as shd
     from kljax.train import state as state_lib
-    mc = common.model_config(cfg, task)
-    tx = state_lib.optimizer_from_config(common.optim_config(cfg))
+    mc = setup_lib.model_config(cfg, task)
+    tx = state_lib.optimizer_from_config(setup_lib.optim_config(cfg))
     return state_lib.abstract_train_state(lambda rngs: TransformerLM(mc, rngs=rngs), tx, mesh, shd.DEFAULT_RULES,
                                           int(cfg.seed))
 
@@ -141,13 +141,13 @@ def _abstract_state(cfg, mesh, task):
 def sft_functions(cfg, mesh, task) -> list[tuple[str, Any]]:
     import jax.numpy as jnp
 
-    from kljax.train import common, sft
+    from kljax.train import evaluation as eval_lib, sft
     from kljax.train import sharding as shd
     ts = _abstract_state(cfg, mesh, task)
     bs, B, P, C = shd.batch_sharding(mesh), int(cfg.batch_size), task.prompt_len, task.completion_len
     batch = {"prompt": _sds((B, P), jnp.int32, bs), "prompt_valid": _sds((B, P), jnp.int32, bs),
              "target": _sds((B, C), jnp.int32, bs), "target_valid": _sds((B, C), jnp.int32, bs)}
-    settings = common.eval_settings(cfg)
+    settings = eval_lib.eval_settings(cfg)
     eval_rows = int(cfg.get("eval", {}).get("batch_size", 128))
     return [("train_step", _lower_step(sft.sft_loss_fn(P), cfg, mesh, ts, batch)),
             ("eval_sampler (prefill+decode)",
@@ -180,10 +180,15 @@ def rl_functions(cfg, mesh, task) -> list[tuple[str, Any]]:
     sample_kw = dict(temperature=float(r.get("temperature", 1.0)), top_k=int(r.get("top_k", 0)),
                      top_p=float(r.get("top_p", 1.0)))
     rows = n_prompts * G
-    return [("train_step (one minibatch)", _lower_step(rl.make_rl_loss(cfg, P, G), cfg, mesh, ts, batch, sched_cfg)),
-            ("rollout_sampler (prefill+decode)", _lower_sampler(ts, mesh, rows, P, N, task.eos_id, task.pad_id,
-                                                                sample_kw)),
-            ("old_policy/reference forward", _lower_logp(ts, mesh, rows, P + N, P, mb))]
+    out = [("train_step (one minibatch)", _lower_step(rl.make_rl_loss(cfg, P, G), cfg, mesh, ts, batch, sched_cfg)),
+           ("rollout_sampler (prefill+decode)", _lower_sampler(ts, mesh, rows, P, N, task.eos_id, task.pad_id,
+                                                               sample_kw)),
+           ("old_policy/reference forward", _lower_logp(ts, mesh, rows, P + N, P, mb))]
+    if rl.critic_kind(cfg) == "separate":  # the second model's own update on the same minibatch
+        ccfg = rl.critic_config(sched_cfg)
+        out.append(("critic_step (one minibatch)", _lower_step(rl.make_critic_loss(cfg, P), ccfg, mesh,
+                                                               _abstract_state(ccfg, mesh, task), batch)))
+    return out
 
 
 def distill_functions(cfg, mesh, task) -> list[tuple[str, Any]]:
@@ -268,7 +273,7 @@ def advice(cfg, mesh) -> str:
 def check(cfg, topology: str, hbm_gib: float = 0.0) -> tuple[list[Row], str, int]:
     """Compile `cfg`'s loop for `topology`; return (rows, printed table, exit status)."""
     from kljax.config import ConfigError
-    from kljax.train import common
+    from kljax.train import setup as setup_lib
     from kljax.train import sharding as shd
     loop = cfg.get("loop", "")
     if loop not in LOOPS:
@@ -278,7 +283,7 @@ def check(cfg, topology: str, hbm_gib: float = 0.0) -> tuple[list[Row], str, int
         mesh = shd.make_mesh(cfg.get("mesh", None) or {"data": -1}, devices)
     except shd.MeshError as e:
         raise ConfigError(f"{e} (topology {topology} has {len(devices)} chips)") from None
-    task = common.build_task(cfg)
+    task = setup_lib.build_task(cfg)
     kind = devices[0].device_kind
     hbm = (hbm_gib or HBM_GIB.get(kind, 0.0)) * GIB
     if not hbm:

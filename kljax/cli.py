@@ -341,12 +341,12 @@ def param_count(cfg: Any) -> int:
     """Number of trainable parameters of `cfg.model` (abstract: nothing is allocated)."""
     import jax
     from flax import nnx
-    from kljax.train import common
+    from kljax.train import setup as setup_lib
     if cfg.get("loop", "") == "distill" and "num_classes" in cfg.model:
         from kljax.train.distill import model_from_config
         build = lambda: model_from_config(cfg.model, nnx.Rngs(0))  # noqa: E731
     else:
-        mc = common.model_config(cfg)
+        mc = setup_lib.model_config(cfg)
         from kljax.models import TransformerLM
         build = lambda: TransformerLM(mc, rngs=nnx.Rngs(0))  # noqa: E731
     model = nnx.eval_shape(build)
@@ -357,7 +357,7 @@ def dry_run(cfg: Any, plan: Plan, workdir: str | None) -> None:
     """Print the resolved config (fields differing from the experiment's defaults marked `*`), the
     mesh and the parameter count. Writes nothing."""
     import jax
-    from kljax.train import common
+    from kljax.train import setup as setup_lib
     now, base = _flat(cfg), _flat(plan.defaults) if plan.defaults is not None else {}
     print(f"config {plan.spec} (validated; * = differs from the experiment's default):")
     for k in sorted(now):
@@ -372,7 +372,7 @@ def dry_run(cfg: Any, plan: Plan, workdir: str | None) -> None:
         stages = [(name, s) for name, s, _ in pipeline.stage_configs(cfg, workdir or "<workdir>")]
     for name, s in stages:
         label = f"stage {name}: " if name else ""
-        mesh = common.build_mesh(s)
+        mesh = setup_lib.build_mesh(s)
         print(f"{label}mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
               f"{param_count(s):,} parameters")
     print(f"workdir: {workdir or '(none given)'} — nothing was written (dry run).")
@@ -453,16 +453,22 @@ FIELD_DOCS: dict[str, str] = {
     "rl.top_k": "top-k sampling (0 = off)",
     "rl.top_p": "nucleus sampling (1 = off)",
     "rl.max_new_tokens": "completion length (0 = task's)",
-    "rl.advantage": "objective | group_mean_std | group_mean | leave_one_out | batch",
+    "rl.advantage": "objective | group_mean_std | group_mean | leave_one_out | batch | gae (PPO with a critic)",
+    "rl.critic": "gae: shared (value head on the policy's trunk, model.value_head='scalar') | separate (a second "
+                 "model with its own optimizer; model.value_head='none')",
+    "rl.critic_lr": "gae with rl.critic='separate': the critic's learning rate (None = optim.learning_rate)",
     "rl.reference": "fixed (init_from) | reset (to the policy every reset_every roll-outs)",
     "rl.reset_every": "roll-outs between reference resets",
     "rl.dynamic_sampling": "DAPO: drop groups with equal rewards and resample",
     "rl.max_sampling_rounds": "DAPO: most sampling rounds per roll-out",
     "rl.teacher_from": "workdir of a teacher run (KDRL)",
+    "rl.reference_sharding": "the reference's parameter layout: fsdp (the policy's) | tensor (tensor-parallel over fsdp × tensor devices, embed replicated)",
+    "rl.teacher_sharding": "the teacher's parameter layout: fsdp | tensor (as rl.reference_sharding)",
     "rl.vocab_tile": "update log-probs/entropy by vocabulary tiles from hidden states: tile size, 0 = dense logits, -1 = auto (8192 when V >= 32768 and the objective needs no full logits)",
     "distill": "knowledge distillation (kljax/train/distill.py)",
     "distill.teacher_from": "teacher workdir, or 'source' (synthetic_lm's exact distribution)",
     "distill.teacher_hf_path": "instead of teacher_from: a Hugging Face teacher folder sharing the student's tokenizer",
+    "distill.teacher_sharding": "the teacher's parameter layout: fsdp (the student's) | tensor (tensor-parallel over fsdp × tensor devices, embed replicated)",
     "distill.teacher_smoothing": "mix of the uniform distribution into the 'source' teacher",
     "distill.data": "dataset | student (GKD) | onpolicy | teacher (sequence KD) | adaptive (DistiLLM)",
     "distill.lam": "GKD: probability of student-generated data",
@@ -479,6 +485,9 @@ FIELD_DOCS: dict[str, str] = {
     "qsharp.etas": "guidance strengths η evaluated",
     "qsharp.rollin_eta": "η of the roll-in policy",
     "qsharp.guidances": "qsharp and/or cd guidance evaluated",
+    "qsharp.top_k": "guide only π_ref's top-k next tokens (0 = all)",
+    "qsharp.top_k_rest": "tokens outside the top-k: mask (−inf, never sampled; Q♯ star-graph code) | reference "
+                         "(their unguided reference logits; Q♯ math code)",
     "preference": "offline preference optimization (kljax/train/preference.py)",
     "preference.num_pairs": "preference pairs collected",
     "preference.max_tries": "samples tried per prompt to find a rejected completion",

@@ -134,7 +134,8 @@ def rl_base_config(objective: Mapping[str, Any], *, reference: str = "fixed", re
     c.rl = ml_collections.ConfigDict(dict(
         group_size=8, prompts_per_step=16, updates_per_rollout=1, minibatch_size=64, temperature=1.0, top_k=0,
         top_p=1.0, max_new_tokens=0, advantage="objective", reference=reference, reset_every=reset_every,
-        dynamic_sampling=dynamic_sampling, max_sampling_rounds=4, teacher_from="", vocab_tile=-1))
+        dynamic_sampling=dynamic_sampling, max_sampling_rounds=4, teacher_from="", vocab_tile=-1,
+        reference_sharding="fsdp", teacher_sharding="fsdp"))
     c.optim.learning_rate = 3e-4
     c.optim.warmup_steps = 5
     c.optim.schedule = "constant"

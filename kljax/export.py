@@ -21,9 +21,9 @@ def export(workdir: str, out_dir: str, checkpoint: str = "latest") -> dict:
     from kljax.models.hf import to_hf
     from kljax.models.tokenizer import has_tokenizer, load_tokenizer
     from kljax.train import checkpoint as ckpt_lib
-    from kljax.train import common, sharding as shd
+    from kljax.train import runs as runs_lib, setup as setup_lib, sharding as shd
 
-    cfg = common.read_config(workdir)
+    cfg = runs_lib.read_config(workdir)
     ck = cfg.get("checkpoint", None) or {}
     mgr = ckpt_lib.Manager(workdir, None, best_metric=ck.get("best_metric", None) or None,
                            best_mode=ck.get("best_mode", "max"))
@@ -44,9 +44,9 @@ def export(workdir: str, out_dir: str, checkpoint: str = "latest") -> dict:
     if step is None:
         raise FileNotFoundError(f"{workdir} has no finished checkpoint to export")
     mesh = shd.make_mesh({"data": -1})
-    ts, _ = common.load_state_from(workdir, mesh, step)
+    ts, _ = runs_lib.load_state_from(workdir, mesh, step)
     model = ts.model()
-    tok_path = common.hf_path(cfg) or str(cfg.task.get("tokenizer_path", "") or "")
+    tok_path = setup_lib.hf_path(cfg) or str(cfg.task.get("tokenizer_path", "") or "")
     tokenizer = load_tokenizer(tok_path) if tok_path and has_tokenizer(tok_path) else None
     if tokenizer is None:
         print("kljax.export: the run has no Hugging Face tokenizer (model.hf_path / task.tokenizer_path); "

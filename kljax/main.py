@@ -71,7 +71,7 @@ def main(argv):
     sharding.initialize_distributed_from_env()
     from kljax.config import ConfigError
     from kljax.tasks.rewards import RewardError
-    from kljax.train import checkpoint, common, metrics
+    from kljax.train import checkpoint, common, driver, metrics
 
     plan = _PLAN
     if plan is None:  # main called without `run` (e.g. app.run(main) by another entry point)
@@ -103,7 +103,7 @@ def main(argv):
         result = common.loop_module(cfg).run(cfg, workdir)
     except (checkpoint.ConfigMismatchError, ConfigError) as e:
         _fail(str(e))
-    except common.Interrupted as e:
+    except driver.Interrupted as e:
         _fail(str(e), cli.EXIT_SIGTERM if e.signum == 15 else cli.EXIT_SIGINT)
     except metrics.NonFiniteMetricError as e:
         _fail(str(e), 1)

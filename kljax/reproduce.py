@@ -2,7 +2,9 @@
 
 Two kinds of NAME:
 
-* a table of `kljax.repro` (`kl_estimators`, `mdvi`, `distill`): toy problems small enough to enumerate.
+* a table of `kljax.repro` (`kl_estimators`, `mdvi`, `distill`, `star_graph`): toy problems small enough to
+  enumerate, or (`star_graph`) small models trained by kljax's loops in `--workdir` (default
+  `runs/reproduce/NAME`).
   The markdown table (`results.md`), the raw numbers (`results.json`), the exact settings
   (`config.json`) and PNG plots go to `DIR` (default `results/NAME`, `results/NAME_quick` with
   `--quick`). `--quick` is the reduced version CI runs (seconds); `--seeds` overrides the seed count.
@@ -33,12 +35,18 @@ def available() -> list[str]:
     return out
 
 
-def run_table(name: str, quick: bool = False, seeds: int | None = None, out: str | None = None) -> dict:
-    """Run the `kljax.repro` table `name`; returns its results (also written to `out`)."""
+def run_table(name: str, quick: bool = False, seeds: int | None = None, out: str | None = None,
+              workdir: str | None = None) -> dict:
+    """Run the `kljax.repro` table `name`; returns its results (also written to `out`).
+
+    `workdir`: where a table that trains models with kljax's loops keeps their runs (its config's
+    `workdir`; finished runs are reused)."""
     from kljax import repro
     module = repro.get(name)
     out = out or os.path.join("results", name + ("_quick" if quick else ""))
     cfg = module.config(quick=quick, seeds=seeds)
+    if workdir and "workdir" in cfg:
+        cfg["workdir"] = workdir
     results = module.run(cfg, out)
     print(f"wrote {out}/results.md, results.json, config.json and plots")
     return results
@@ -56,13 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tables: the reduced version (seconds)")
     p.add_argument("--seeds", type=int, default=None, help="tables: number of seeds")
     p.add_argument("--out", default=None, help="tables: output folder (default results/NAME)")
-    p.add_argument("--workdir", default=None, help="pipelines: default runs/reproduce/NAME")
+    p.add_argument("--workdir", default=None, help="pipelines: default runs/reproduce/NAME; tables that train "
+                   "models (star_graph): where their runs go")
     p.add_argument("--smoke", action="store_true", help="pipelines: tiny models and a few steps (checks the plumbing)")
     args = p.parse_args(argv)
     if args.name in tables:
         if args.seeds is not None and args.seeds < 1:
             p.error("--seeds must be at least 1")
-        run_table(args.name, quick=args.quick, seeds=args.seeds, out=args.out)
+        run_table(args.name, quick=args.quick, seeds=args.seeds, out=args.out, workdir=args.workdir)
         return 0
     if args.name not in names:
         p.error(f"unknown name {args.name!r}; choose a table {tables} or a pipeline {names}")

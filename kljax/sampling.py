@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from kljax import ops
+from kljax.models.transformer import positions_from_valid
 
 __all__ = [
     "SampleOutput",
@@ -40,7 +41,6 @@ __all__ = [
     "top_k_processor",
     "top_p_processor",
     "compose",
-    "prefix_positions",
 ]
 
 
@@ -148,12 +148,6 @@ def greedy(logits):
 # --------------------------------------------------------------------------------------------
 # generate
 # --------------------------------------------------------------------------------------------
-
-def prefix_positions(valid):
-    """Position ids for LEFT-padded rows: the first real token is position 0 (padding gets 0)."""
-    valid = jnp.asarray(valid).astype(jnp.int32)
-    return jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0).astype(jnp.int32)
-
 
 def _as_tree_partial(fn):
     """functools.partial is opaque to jax.tree; its tree twin exposes bound arrays/modules to jit."""
@@ -309,7 +303,7 @@ def _generate_jit(model_state, proc_leaves, prompts, prompt_valid, key, *, graph
     n = max_new_tokens
     s = p + n
 
-    prompt_pos = prefix_positions(prompt_valid)
+    prompt_pos = positions_from_valid(prompt_valid)
     lengths = jnp.sum(prompt_valid, axis=-1).astype(jnp.int32)
     gen_pos = lengths[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
     positions = jnp.concatenate([prompt_pos, gen_pos], axis=1)

@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # pytest-xdist workers may each load libtpu
 
 from kljax import aot  # noqa: E402
-from kljax.train import common  # noqa: E402
+from kljax.train import common, setup as setup_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POD = os.path.join(REPO, "experiments", "pod_grpo.py")
@@ -82,7 +82,7 @@ def test_the_rollout_forward_pass_holds_one_minibatch_of_logits_at_a_time():
     devices = aot.topology_devices("v5e:2x2")
     from kljax.train import sharding as shd
     mesh = shd.make_mesh(cfg.mesh, devices)
-    task = common.build_task(cfg)
+    task = setup_lib.build_task(cfg)
     ts = aot._abstract_state(cfg, mesh, task)
     whole, chunked = (aot.compile_row(f"chunk {c}", aot._lower_logp(ts, mesh, 64, task.prompt_len + 32,
                                                                      task.prompt_len, c)) for c in (0, 16))

@@ -263,7 +263,7 @@ def test_builtin_math_answer_format_length():
 
 # ---------------------------------------------------------------------------------------------- registry
 def test_register_task_from_user_module(tmp_path, monkeypatch):
-    from kljax.train import common
+    from kljax.train import setup as setup_lib
     # The registration lasts for this test only (other tests check the built-in registry).
     monkeypatch.setattr(tasks, "_REGISTRY", dict(tasks._REGISTRY))
     mod = tmp_path / "my_tasks.py"
@@ -280,7 +280,7 @@ def test_register_task_from_user_module(tmp_path, monkeypatch):
     """))
     cfg = ml_collections.ConfigDict(dict(task=dict(name="tiny_user_task", module=str(mod), num_digits=1,
                                                    train_size=10, test_size=5, data_dir=str(tmp_path))))
-    task = common.build_task(cfg)
+    task = setup_lib.build_task(cfg)
     assert task.name == "tiny_user_task" and task.num_digits == 1
     assert "tiny_user_task" in tasks.names()
     with pytest.raises(ValueError, match="already registered"):

@@ -9,7 +9,7 @@ import pytest
 
 import hf_fixtures as hfx
 from kljax.config import ConfigError, base_config
-from kljax.train import common, distill
+from kljax.train import common, distill, setup as setup_lib
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,8 @@ def kd_config(f, teacher, steps=2):
 def test_distill_from_larger_hf_teacher_with_padded_vocabulary(folders):
     cfg = kd_config(folders, folders["teacher"])
     common.validate(cfg)
-    task = common.build_task(cfg)
-    teacher = distill._Teacher(cfg, task, common.build_mesh(cfg))
+    task = setup_lib.build_task(cfg)
+    teacher = distill._Teacher(cfg, task, setup_lib.build_mesh(cfg))
     assert teacher.vocab == 320  # min(384, 320), both >= the tokenizer's 300 ids
     wd = str(folders["root"] / "run")
     result = distill.run(cfg, wd)
@@ -55,11 +55,42 @@ def test_distill_from_larger_hf_teacher_with_padded_vocabulary(folders):
     assert len(losses) == 2 and all(np.isfinite(losses))
 
 
+def test_tensor_parallel_teacher_gives_the_same_logits_with_its_own_layout(folders):
+    """`distill.teacher_sharding = "tensor"`: the teacher's matmuls are split by output features over
+    fsdp × tensor devices while the student stays FSDP; the teacher's logits do not change."""
+    cfg = kd_config(folders, folders["teacher"])
+    cfg.mesh.fsdp, cfg.mesh.data = 4, 2
+    task = setup_lib.build_task(cfg)
+    mesh = setup_lib.build_mesh(cfg)
+    tp_cfg = kd_config(folders, folders["teacher"])
+    tp_cfg.mesh.fsdp, tp_cfg.mesh.data = 4, 2
+    tp_cfg.distill.teacher_sharding = "tensor"
+    common.validate(tp_cfg)
+    fsdp_t, tp_t = distill._Teacher(cfg, task, mesh), distill._Teacher(tp_cfg, task, mesh)
+    import jax
+    from kljax.train import sharding as shd
+
+    def gate_spec(t):
+        return next(x.sharding.spec for p, x in jax.tree_util.tree_leaves_with_path(t.params)
+                    if "w_gate" in jax.tree_util.keystr(p))
+    assert tuple(gate_spec(tp_t)) == (None, ("fsdp", "tensor"))  # [embed, mlp]: output features split
+    assert gate_spec(fsdp_t)[0] == "fsdp"  # the student's layout: the embed dimension sharded
+    rows = np.random.default_rng(0).integers(0, 300, size=(8, 12)).astype(np.int32)
+    b = shd.shard_batch({"tokens": rows, "positions": np.tile(np.arange(12, dtype=np.int32), (8, 1)),
+                         "valid": np.ones((8, 12), bool)}, mesh)
+    np.testing.assert_allclose(np.asarray(tp_t.device_logits(b)), np.asarray(fsdp_t.device_logits(b)),
+                               atol=2e-5, rtol=2e-5)
+    bad = kd_config(folders, folders["teacher"])
+    bad.distill.teacher_sharding = "tp"
+    with pytest.raises(ConfigError, match=r"distill.teacher_sharding.*fsdp.*tensor"):
+        common.validate(bad)
+
+
 def test_vocabulary_below_the_tokenizer_is_an_error_naming_both(folders, tmp_path):
     small = tmp_path / "small"
     hfx.make_model(small, "qwen2", vocab_size=256)  # fewer rows than the tokenizer's 300 ids
     cfg = kd_config(folders, str(small))
-    task = common.build_task(cfg)
+    task = setup_lib.build_task(cfg)
     with pytest.raises(ConfigError, match=r"teacher vocabulary 256 and student vocabulary 320"):
         distill._Teacher(cfg, task)
 
@@ -70,7 +101,7 @@ def test_other_tokenizer_is_an_error(folders, tmp_path):
     hfx.make_model(other, "llama", vocab_size=320)
     cfg = kd_config(folders, str(other))
     with pytest.raises(ConfigError, match="tokenizer"):
-        distill._Teacher(cfg, common.build_task(cfg))
+        distill._Teacher(cfg, setup_lib.build_task(cfg))
     both = kd_config(folders, str(other))
     both.distill.teacher_from = "runs/x"
     with pytest.raises(ConfigError, match="not both"):

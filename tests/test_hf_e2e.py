@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hf_fixtures as hfx
 from kljax.models import load_tokenizer
 from kljax.sampling import generate
-from kljax.train import common, sharding as shd
+from kljax.train import runs as runs_lib, sharding as shd
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,7 +159,7 @@ def test_export_errors(sft_run, tmp_path, capsys):
 def assert_same_greedy(workdir, hf_model, tok, prompts, chat=False):
     """kljax's greedy sampler on the run's trained policy == transformers' greedy `generate` on the export."""
     mesh = shd.make_mesh({"data": -1})
-    model = common.load_model_from(workdir, mesh)  # the trained policy itself, not the exported copy
+    model = runs_lib.load_model_from(workdir, mesh)  # the trained policy itself, not the exported copy
     if chat:
         ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
                for p in prompts]

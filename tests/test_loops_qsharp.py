@@ -200,3 +200,41 @@ def test_qsharp_end_to_end_and_resume(tmp_path):
     assert ev2["eval/qsharp/eta=0.1/accuracy"] == ev["eval/qsharp/eta=0.1/accuracy"]
     recs = [r for r in common.metrics_lib.read_metrics(work) if "loss" in r]
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
+
+
+def test_top_k_rest_mask_drops_the_tail_reference_keeps_it_unguided():
+    """`qsharp.top_k_rest`: inside π_ref's top-k both settings guide alike; outside it "mask" never samples
+    a token while "reference" keeps its unguided reference probability (even where the critic favours it)."""
+    ref = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
+    critic = jnp.array([0.0, 3.0, -3.0, 5.0])  # Bernoulli logits: token 3 (outside the top-2) looks best
+    p = {rest: np.asarray(jax.nn.softmax(qsharp.guided_logits(ref, critic, 0.5, "qsharp", "bernoulli", top_k=2,
+                                                               top_k_rest=rest))) for rest in ("mask", "reference")}
+    assert p["mask"][2] == 0 and p["mask"][3] == 0
+    assert p["reference"][2] > 0 and p["reference"][3] > 0
+    np.testing.assert_allclose(p["reference"][2] / p["reference"][3], 3.0, rtol=1e-5)  # π_ref's ratio, unguided
+    np.testing.assert_allclose(p["mask"][0] / p["mask"][1], p["reference"][0] / p["reference"][1], rtol=1e-5)
+    assert p["reference"][1] / p["reference"][0] > 0.3 / 0.5  # guided inside the top-k
+    full = [qsharp.guided_logits(ref, critic, 0.5, "qsharp", "bernoulli", top_k=0, top_k_rest=r) for r in p]
+    np.testing.assert_allclose(*full)  # no top-k: the setting does nothing
+
+
+def test_top_k_rest_reaches_guided_decoding_and_its_kl(models):
+    """Through the loop's evaluation (the processor inside `generate` and the exact KL): with top_k = 1 and
+    a critic that guides nothing (constant outputs, η large), "mask" decodes π_ref greedily (KL > 0) while
+    "reference" leaves π_ref as it is (KL = 0)."""
+    ref, _ = models
+    rec = _records("test", 8)
+    flat = jax.tree_util.Partial(lambda tokens, positions, valid: jnp.zeros(tokens.shape + (TASK.vocab_size,)))
+    kl = {}
+    for rest in ("mask", "reference"):
+        res = qsharp.evaluate_guided(ref, flat, TASK, rec, jax.random.PRNGKey(2), etas=(1e4,), kind="bernoulli",
+                                     top_k=1, top_k_rest=rest, guidances=("qsharp",), batch_size=8)
+        kl[rest] = (res["eval/qsharp/eta=10000/kl"], res["eval/ref/kl"])
+    assert kl["mask"][0] > 0.1 and kl["mask"][1] > 0.1
+    assert kl["reference"][0] == pytest.approx(0.0, abs=1e-3) and kl["reference"][1] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_top_k_rest_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="qsharp.top_k_rest"):
+        qsharp.validate(_cfg(tmp_path, **{"qsharp.top_k_rest": "zero"}), check_paths=False)
+    qsharp.validate(_cfg(tmp_path, **{"qsharp.top_k_rest": "reference"}), check_paths=False)

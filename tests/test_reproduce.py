@@ -143,3 +143,57 @@ def test_unknown_table_is_a_clear_error(capsys):
 
 def test_pipeline_experiments_are_still_listed():
     assert {"star_graph", "arithmetic"} <= set(reproduce.available())
+
+
+@pytest.fixture(scope="module")
+def star_run(tmp_path_factory):
+    """`star_graph --quick`: a G(2,3,20) reference trained by the sft loop, MC-value guidance, a V-type and a
+    Q-type critic (the qsharp loop), GRPO (the rl loop); runs in a fresh workdir so every stage trains."""
+    out = str(tmp_path_factory.mktemp("star_graph"))
+    work = str(tmp_path_factory.mktemp("star_graph_runs"))
+    assert reproduce.main(["star_graph", "--quick", "--out", out, "--workdir", work]) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        return out, json.load(f)
+
+
+def _methods(res):
+    return {(m["method"], m["detail"].split(",")[0]): m for m in res["graphs"][0]["methods"]}
+
+
+def test_star_graph_writes_table_plot_and_config(star_run):
+    out, res = star_run
+    for f in ("results.md", "results.json", "config.json", "star_graph_G2_3_20.png"):
+        assert os.path.getsize(os.path.join(out, f)) > 0
+    md = open(os.path.join(out, "results.md")).read()
+    for row in ("| π_ref |", "| Q♯ (MC values) |", "| CD (MC values) |", "| Q♯ (V-type critic) |",
+                "| CD (V-type critic) |", "| GRPO |", "V/reference/all", "Q/reference/all"):
+        assert row in md, row
+    assert {p["variant"] for p in res["graphs"][0]["curve"]} == {"V/reference/all", "Q/reference/all"}
+
+
+def test_star_graph_reference_shows_the_clever_hans_plateau(star_run):
+    """π_ref copies s and follows edges (teacher-forced ≈ 1 after n1) but guesses n1 (≈ 1/degree)."""
+    _, res = star_run
+    ref = res["graphs"][0]["reference"]
+    s, n1, *rest = ref["teacher_forced"]
+    assert s > 0.95 and min(rest) > 0.9
+    assert 0.3 < n1 < 0.75
+    assert 0.3 < ref["accuracy"] < 0.75
+
+
+def test_star_graph_mc_value_guidance_fixes_the_plateau_and_kls_are_valid(star_run):
+    _, res = star_run
+    m = _methods(res)
+    ref = m[("π_ref", "SFT 250 steps")]["accuracy"]
+    q = m[("Q♯ (MC values)", "η=0.1")]
+    assert q["accuracy"] > ref + 0.3 and q["accuracy"] > 0.85
+    # a stronger pull (smaller η) moves further from π_ref and gains accuracy
+    q1 = m[("Q♯ (MC values)", "η=1")]
+    assert q1["kl_seq"] < q["kl_seq"] and q1["accuracy"] < q["accuracy"]
+    # the exact KL to π_ref is never negative, and for a sampled policy that is not π_ref it is positive
+    for (name, _), row in m.items():
+        assert row["kl_seq"] >= -1e-6, name
+        if name != "π_ref":
+            assert row["kl_seq"] > 0, name
+    # guiding only the first node: the per-sequence KL is at most log(1/π_ref(n1)) ≤ log of the vocabulary
+    assert q["kl_seq"] < np.log(25)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from kljax.train import common
+from kljax.train import runs as runs_lib, setup as setup_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SG = os.path.join(REPO, "experiments", "star_graph.py")
@@ -32,8 +32,8 @@ def _finished_steps(workdir):
 
 
 def _params(workdir):
-    cfg = common.read_config(workdir)
-    ts, _ = common.load_state_from(workdir, common.build_mesh(cfg))
+    cfg = runs_lib.read_config(workdir)
+    ts, _ = runs_lib.load_state_from(workdir, setup_lib.build_mesh(cfg))
     return jax.device_get(ts.params), int(ts.step)
 
 

@@ -12,7 +12,7 @@ from flax import nnx
 import hf_fixtures as hfx
 from kljax.config import ConfigError
 from kljax.models import TransformerLM, lm_config, positions_from_valid
-from kljax.train import common
+from kljax.train import common, evaluation as eval_lib, runs as runs_lib, setup as setup_lib
 from kljax.train import reward_model as rm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,8 +125,8 @@ def test_reward_model_smoke_through_main_learns_pairs(rm_run, user):
     # the trained workdir loads as a reward function and scores the held-out pairs as the run's eval did
     from kljax.train import sharding as shd
     mesh = shd.make_mesh({"data": -1})
-    cfg = common.read_config(wd)
-    rec = common.test_records(cfg, common.build_task(cfg), "test")
+    cfg = runs_lib.read_config(wd)
+    rec = eval_lib.test_records(cfg, setup_lib.build_task(cfg), "test")
     score = rm.load_reward_fn(wd, mesh)
     rc = np.asarray(score(rec["prompt"], rec["prompt_valid"], rec["chosen"], rec["chosen_valid"]))
     rr = np.asarray(score(rec["prompt"], rec["prompt_valid"], rec["rejected"], rec["rejected_valid"]))
@@ -227,6 +227,25 @@ def test_ppo_with_critic_against_reward_model(rm_run, user):
     np.testing.assert_allclose(m[2]["kl_coef"], b2 * (1 + np.clip(kl2 / 6.0 - 1, -0.2, 0.2) * 8 / 100), rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_ppo_with_a_separate_critic_against_reward_model(rm_run, user):
+    """experiments/hf.py:ppo,separate,smoke: the critic is a second model (the policy's trunk + a scalar
+    head, own optimizer); the policy has no value head, and the run's policy still loads as a TrainState."""
+    wd = str(user["root"] / "ppo_sep")
+    run_main("ppo,separate,smoke", wd, user, f"--config.task.reward=model:{rm_run}", "--config.task.prompt_key=prompt",
+             "--config.task.answer_key=", "--config.rl.critic_lr=1e-3")
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        m = [json.loads(line) for line in f if '"value_loss"' in line]
+    assert [r["step"] for r in m] == [1, 2]
+    for r in m:
+        for k in ("loss", "value_loss", "critic/grad_norm", "objective/kl", "reward"):
+            assert np.isfinite(r[k]), k
+    assert m[1]["critic/learning_rate"] == pytest.approx(1e-3)
+    ts, cfg = common.load_state_from(wd, common.build_mesh(common.read_config(wd)))
+    assert cfg.rl.critic == "separate" and not any("value_" in jax.tree_util.keystr(p)
+                                                   for p, _ in jax.tree_util.tree_flatten_with_path(ts.params)[0])
+
+
 @pytest.mark.parametrize("field,value,needle", [
     ("model.value_head", "none", "model.value_head"),
     ("objective.beta", 0.1, "objective.beta"),
@@ -254,14 +273,14 @@ def test_init_from_run_without_value_head_keeps_a_fresh_head():
         lm_config(vocab_size=11, width=width, depth=1, num_heads=2, max_len=8, value_head=head), rngs=nnx.Rngs(seed)),
         nnx.Param)
     sft, rmodel = mk("none", seed=1), mk("scalar", seed=2)
-    merged = common.merge_params(rmodel, sft)
+    merged = runs_lib.merge_params(rmodel, sft)
     flat = lambda t: {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(t)[0]}
     m, s_, r_ = flat(merged), flat(sft), flat(rmodel)
     assert set(m) == set(r_) and set(m) - set(s_) and all("value_" in k for k in set(m) - set(s_))
     for k in m:
         np.testing.assert_array_equal(m[k], s_[k] if k in s_ else r_[k])
-    assert common.merge_params(sft, rmodel) is None          # a head the target lacks
-    assert common.merge_params(mk("scalar", width=8), sft) is None  # a shape differs
+    assert runs_lib.merge_params(sft, rmodel) is None          # a head the target lacks
+    assert runs_lib.merge_params(mk("scalar", width=8), sft) is None  # a shape differs
 
 
 @pytest.mark.slow
@@ -277,7 +296,12 @@ def test_aot_compiles_the_critic_and_reward_model_steps():
         cfg.model.value_head = "scalar"
     rows, text, status = aot.check(cfg, "v5e:2x2")
     assert status == 0 and "train_step" in text, text
+    with cfg.unlocked():  # a separate critic: its own step is compiled too
+        cfg.rl.critic, cfg.model.value_head = "separate", "none"
+    rows, text, status = aot.check(cfg, "v5e:2x2")
+    assert status == 0 and "critic_step" in text, text
     with cfg.unlocked():
         cfg.loop = "reward_model"
+        cfg.model.value_head = "scalar"
     rows, text, status = aot.check(cfg, "v5e:2x2")
     assert status == 0 and "chosen + rejected" in text, text

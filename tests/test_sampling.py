@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from kljax import sampling
-from kljax.models import TransformerLM, lm_config
+from kljax.models import TransformerLM, lm_config, positions_from_valid
 
 V = 11
 EOS = 3
@@ -39,7 +39,7 @@ def full_logits(model, tokens, valid):
     if id(model) not in _FULL:   # one compiled forward per model object (graphdefs hold a ConfigDict)
         def fwd(state, tokens, valid):
             m = nnx.merge(graphdef, state)
-            return m(tokens, positions=sampling.prefix_positions(valid), valid=valid)
+            return m(tokens, positions=positions_from_valid(valid), valid=valid)
         _FULL[id(model)] = (model, jax.jit(fwd))
     fwd = _FULL[id(model)][1]
     return np.asarray(fwd(state, jnp.asarray(tokens), jnp.asarray(valid, jnp.int32)))

@@ -320,3 +320,30 @@ def test_require_and_config_diff():
 def test_initialize_distributed_is_noop_for_one_process(monkeypatch):
     monkeypatch.delenv(shd.ENV_NUM_PROCESSES, raising=False)
     assert shd.initialize_distributed_from_env() == (0, 1)
+
+
+def test_reference_in_its_own_tensor_parallel_layout():
+    """`rl.reference_sharding = "tensor"`: the reference's copy of the policy params is laid out
+    tensor-parallel (embed replicated, output features over fsdp × tensor), values unchanged; a bad
+    layout name is a config error naming the field."""
+    from kljax.train import rl, setup as setup_lib
+    cfg = kcfg.rl_base_config(dict(name="grpo"))
+    cfg.task = ml_collections.ConfigDict(dict(name="arithmetic", data_dir=""))
+    cfg.model.update(width=16, depth=1, num_heads=2, mlp_dim=32)
+    cfg.mesh.update(data=2, fsdp=4)
+    task = setup_lib.build_task(cfg)
+    mesh = setup_lib.build_mesh(cfg)
+    ts = setup_lib.create_state(cfg, mesh, task)
+    copy_fsdp = rl.reference_layout(cfg, ts, mesh)(ts.params)
+    cfg.rl.reference_sharding = "tensor"
+    copy_tp = rl.reference_layout(cfg, ts, mesh)(ts.params)
+
+    def spec(params, name):
+        return next(tuple(x.sharding.spec) for p, x in jax.tree_util.tree_leaves_with_path(params)
+                    if name in jax.tree_util.keystr(p))
+    assert spec(copy_tp, "w_gate") == (None, ("fsdp", "tensor"))
+    assert spec(copy_fsdp, "w_gate") == spec(ts.params, "w_gate") and spec(copy_fsdp, "w_gate")[0] == "fsdp"
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), copy_tp, ts.params)
+    cfg.rl.reference_sharding = "megatron"
+    with pytest.raises(kcfg.ConfigError, match=r"rl.reference_sharding.*fsdp.*tensor"):
+        shd.layout_rules(cfg, "rl.reference_sharding")

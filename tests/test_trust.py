@@ -2,7 +2,7 @@
 with one line and exit status 2; faults (full disk, failed save, corrupted checkpoint, SIGTERM/SIGINT)
 stop the run cleanly and the rerun resumes; a finished run is never changed by a rerun.
 
-The fault tests drive `common.run_loop` in-process with a two-number state (no model, no compile);
+The fault tests drive `driver.run_loop` in-process with a two-number state (no model, no compile);
 `kljax.main` is called in-process with argv; one subprocess test sends a real SIGTERM.
 """
 import errno
@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from kljax.train import checkpoint, common, interrupt, metrics
+from kljax.train import checkpoint, common, driver, interrupt, metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SG = os.path.join(REPO, "experiments", "star_graph.py")
@@ -207,12 +207,12 @@ def tiny_eval(state):
 
 
 def run_tiny(wd, cfg=None, step_fn=tiny_step):
-    return common.run_loop(cfg or tiny_cfg(), wd, state=tiny_state(), step_fn=step_fn, batches=None,
+    return driver.run_loop(cfg or tiny_cfg(), wd, state=tiny_state(), step_fn=step_fn, batches=None,
                            eval_fn=tiny_eval)
 
 
 def restored(wd, cfg=None):
-    mgr = common.checkpoint_manager(cfg or tiny_cfg(), wd)
+    mgr = driver.checkpoint_manager(cfg or tiny_cfg(), wd)
     try:
         return mgr.all_steps(), mgr.restore_latest(tiny_state())
     finally:
@@ -240,6 +240,24 @@ def test_finished_run_rerun_changes_nothing(tmp_path, capsys, reference_run):
     assert files == {f: open(os.path.join(wd, f), "rb").read() for f in files}
     assert mtimes == {f: os.path.getmtime(os.path.join(wd, f)) for f in files}
     assert tb == sorted(os.listdir(os.path.join(wd, "tensorboard")))
+
+
+def test_nan_between_log_steps_is_caught_at_its_step_before_any_checkpoint(tmp_path):
+    """Metrics are fetched every log_every steps; a NaN at a step in between is still named exactly,
+    and the checkpoint due at that fetch is not written."""
+    def nan_at_5(state, batch):
+        state, m = tiny_step(state, batch)
+        return state, {"loss": jnp.where(state.step == 5, jnp.nan, m["loss"])}
+
+    cfg = tiny_cfg(total=12, every=6)
+    cfg.log_every = 4
+    wd = str(tmp_path)
+    with pytest.raises(metrics.NonFiniteMetricError, match=r"at step 5: loss=nan.*no checkpoint yet"):
+        run_tiny(wd, cfg, step_fn=nan_at_5)
+    assert restored(wd, cfg)[0] == []  # the step-6 checkpoint was never written
+    rows = metrics.read_metrics(wd)
+    assert [r["step"] for r in rows] == [4]  # logged at the cadence only, with the window's mean step time
+    assert rows[0]["time/step_s"] > 0
 
 
 def test_disk_full_stops_at_once_and_checkpoint_restores(tmp_path, monkeypatch, reference_run):
@@ -433,7 +451,7 @@ def _mp_worker(workdir):
         return step(s, b)
 
     try:
-        common.run_loop(tiny_cfg(total=60, every=1000), workdir, state=state, step_fn=step_fn, batches=None)
+        driver.run_loop(tiny_cfg(total=60, every=1000), workdir, state=state, step_fn=step_fn, batches=None)
     except interrupt.Interrupted as e:
         print(f"STOPPED process={jax.process_index()} step={e.step}", flush=True)
         sys.exit(143)

@@ -14,6 +14,7 @@ TABLES = {
     "kl_estimators": "kljax.repro.kl_estimators",
     "mdvi": "kljax.repro.mdvi",
     "distill": "kljax.repro.distill",
+    "star_graph": "kljax.repro.star_graph",
 }
 
 

@@ -13,6 +13,11 @@ Data per step (`distill.data`):
 Whatever the source, the loss is ``objective(student_logits, teacher_logits, mask, **objective_hparams)``
 on the completion positions (position t predicts token t+1), teacher logits detached inside the objective.
 
+MiniLLM (`objective.name = "minillm"`): the policy-gradient sequence reverse KL needs the student's own
+samples, so it requires `distill.data = "student"` with `distill.lam = 1` (every batch sampled from the
+current student at `distill.temperature` = `objective.temperature`); the teacher scores those samples and
+the objective gets them as `tokens=` (the next token of each position).
+
 Teacher (`distill.teacher_from`): a workdir whose latest checkpoint holds a model with the same
 vocabulary (e.g. an `sft` run), or ``"source"`` for the synthetic language task: the exact source
 distribution (`task.true_logprobs`, smoothed by `distill.teacher_smoothing` so reverse-KL losses stay finite).
@@ -198,9 +203,6 @@ def validate(cfg, check_paths: bool = True) -> None:
     check_objective(cfg, "distill")
     require(cfg, "distill", lambda v: v is not None, "add a `distill` ConfigDict (teacher_from, data, lam, ...).")
     name = cfg.objective.name
-    if name == "minillm":
-        raise ConfigError("config field `objective.name` = 'minillm' needs policy-gradient rollouts; use loop 'rl' "
-                          "with `rl.teacher_from`, or a divergence objective (fkl, rkl, jsd, ...) here.")
     several = jax.process_count() > 1
     if cfg.task.name == "digits":
         if several:
@@ -210,6 +212,7 @@ def validate(cfg, check_paths: bool = True) -> None:
                 "digits KD needs `distill.teacher_model = classifier_config(...)` for the teacher.")
         return
     data = require(cfg, "distill.data", lambda v: v in DATA_SOURCES, f"use one of {DATA_SOURCES}.")
+    sharding.layout_rules(cfg, "distill.teacher_sharding")
     if cfg.distill.get("teacher_hf_path", ""):  # a Hugging Face teacher sharing the student's tokenizer
         if cfg.distill.get("teacher_from", ""):
             raise ConfigError("set one of `distill.teacher_from` and `distill.teacher_hf_path`, not both.")
@@ -225,6 +228,8 @@ def validate(cfg, check_paths: bool = True) -> None:
             common.check_run_exists(teacher, "distill.teacher_from")
     if data == "student":
         require(cfg, "distill.lam", lambda v: 0.0 <= v <= 1.0, "GKD's λ is a probability in [0, 1].")
+    if name == "minillm":
+        validate_minillm(cfg)
     if data == "adaptive" and several:
         raise ConfigError(f"config field `distill.data` = 'adaptive' (DistiLLM's replay buffer, checkpointed by "
                           f"process 0 only) runs in one process only, and this run has {jax.process_count()} "
@@ -238,6 +243,23 @@ def validate(cfg, check_paths: bool = True) -> None:
         raise ConfigError("config field `model.value_head` must be 'none' for a distillation student.")
 
 
+def validate_minillm(cfg) -> None:
+    """MiniLLM's loss is a score-function estimate: its gradient is ∇KL(q_θ‖p) only when every batch is
+    sampled from the current student at the temperature the objective scores with."""
+    data, lam = cfg.distill.get("data", "dataset"), cfg.distill.get("lam", None)
+    if data != "student" or lam is None or float(lam) != 1.0:
+        raise ConfigError(f"config field `distill.data` = {data!r} with `distill.lam` = {lam!r}: objective 'minillm' "
+                          "trains on the student's own samples only (its policy gradient is biased on dataset, "
+                          "teacher or replayed completions); set `distill.data = 'student'` and `distill.lam = 1.0` "
+                          "(experiments/distill.py:minillm does).")
+    t_sample = float(cfg.distill.get("temperature", 1.0))
+    t_obj = float(cfg.objective.get("temperature", 1.0))
+    if t_sample != t_obj:
+        raise ConfigError(f"config field `distill.temperature` = {t_sample} differs from `objective.temperature` = "
+                          f"{t_obj}: MiniLLM scores the samples with the distribution they were drawn from; set "
+                          "both to the same value.")
+
+
 # ----------------------------------------------------------------------------------------------
 # LM distillation
 # ----------------------------------------------------------------------------------------------
@@ -248,10 +270,12 @@ def lm_distill_loss(model, batch, rng, *, objective, hparams):
     logits = model(batch["tokens"], positions=batch["positions"], valid=batch["valid"])
     logits = logits[..., :batch["teacher_logits"].shape[-1]]  # aligned vocabulary (padding rows dropped)
     kw = dict(hparams)
+    toks = batch["tokens"]
+    nxt = jnp.concatenate([toks[:, 1:], jnp.zeros_like(toks[:, :1])], axis=1)  # position t predicts token t+1
     if objective in (objectives.get("kd"), objectives.get("nkd")):
-        # Hard labels = the batch's next tokens (dataset, student or teacher samples).
-        toks = batch["tokens"]
-        kw["labels"] = jnp.concatenate([toks[:, 1:], jnp.zeros_like(toks[:, :1])], axis=1)
+        kw["labels"] = nxt  # hard labels = the batch's next tokens (dataset, student or teacher samples)
+    elif objective is objectives.get("minillm"):
+        kw["tokens"] = nxt  # the student's own samples (validate_minillm enforces on-policy data)
     loss, m = objective(logits, batch["teacher_logits"], batch["loss_mask"], **kw)
     out = dict(m)
     out["kl"] = m.get("distill/kl", jnp.zeros(()))
@@ -272,7 +296,8 @@ class _Teacher:
             self.smoothing = float(cfg.distill.get("teacher_smoothing", 0.0))
         else:
             common.check_run_exists(spec, "distill.teacher_from")
-            self.model = common.load_model_from(spec, mesh or common.build_mesh(cfg))
+            self.model = common.load_model_from(spec, mesh or common.build_mesh(cfg),
+                                                rules=sharding.layout_rules(cfg, "distill.teacher_sharding"))
             if self.model.vocab_size != task.vocab_size:
                 raise ConfigError(f"config field `distill.teacher_from` = {spec!r}: teacher vocabulary "
                                   f"{self.model.vocab_size} != task vocabulary {task.vocab_size}.")
@@ -305,8 +330,9 @@ class _Teacher:
             self.vocab = aligned_vocab_size(self.model.vocab_size, mc.vocab_size, task.vocab_size)
         except ValueError as e:
             raise ConfigError(f"config field `distill.teacher_hf_path` = {path!r}: {e}") from None
-        graphdef, params, rest = state_lib.shard_model(self.model, mesh or common.build_mesh(cfg))
-        n = self.vocab
+        graphdef, params, rest = state_lib.shard_model(self.model, mesh or common.build_mesh(cfg),
+                                                       sharding.layout_rules(cfg, "distill.teacher_sharding"))
+        n, self.params = self.vocab, params
         fwd = jax.jit(lambda params, rest, t, p, v: nnx.merge(graphdef, params, rest)(t, positions=p, valid=v)[..., :n])
         self._fwd = lambda t, p, v: fwd(params, rest, t, p, v)
 

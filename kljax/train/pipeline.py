@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from kljax.config import ConfigError, require
-from kljax.train import common
+from kljax.train import common, driver
 
 COLUMNS = (("eval/accuracy", "accuracy"), ("eval/reward", "reward"),
            ("eval/kl", "KL to reference (nats/token)"), ("eval/entropy", "entropy (nats/token)"))
@@ -150,8 +150,8 @@ def run(cfg: Any, workdir: str) -> dict:
     for name, scfg, _ in stage_configs(cfg, workdir):
         sdir = os.path.join(workdir, name)
         t0 = time.time()
-        if os.path.exists(os.path.join(sdir, common.EVAL_FILE)):
-            ev = common.read_eval(sdir)
+        if os.path.exists(os.path.join(sdir, driver.EVAL_FILE)):
+            ev = driver.read_eval(sdir)
             print(f"[pipeline] stage {name}: already finished ({sdir}/eval.json)", flush=True)
         else:
             print(f"[pipeline] stage {name}: {_method(scfg)} -> {sdir}", flush=True)

@@ -20,7 +20,9 @@ Rounds k = 1..K (`qsharp.rounds`), each:
 
 Evaluation uses ONE trained critic at every η in `qsharp.etas`: Q♯ guidance and CD guidance
 (π ∝ π_ref·exp(E[Z]/η), Mudgal et al. 2024), both restricted to π_ref's top-k tokens
-(`qsharp.top_k`, 0 = all) and sampled at `qsharp.temperature`; metrics per η: pass@1 accuracy,
+(`qsharp.top_k`, 0 = all; the other tokens at −inf with `qsharp.top_k_rest = "mask"`, the default, or at
+their unguided reference logits with "reference") and sampled at `qsharp.temperature` (the guided
+policy is π^η only at temperature 1: the processor runs before the temperature); metrics per η: pass@1 accuracy,
 reward, and the exact per-token KL(π^η‖π_ref) summed over the vocabulary (mean per token, and per
 sequence). The reference alone is evaluated too (`eval/ref/...`).
 
@@ -43,6 +45,7 @@ from flax import nnx
 from kljax import divergences as dv
 from kljax.config import ConfigError, require
 from kljax.objectives import value as value_obj
+from kljax.models import positions_from_valid
 from kljax.sampling import generate
 from kljax.tasks import base as task_base
 from kljax.train import sharding
@@ -64,43 +67,46 @@ def critic_outputs(critic, tokens, positions, valid):
     return critic(tokens, positions, valid)
 
 
-def guided_logits(ref_logits, critic_out, eta, guidance: str, kind: str, atoms=None, top_k: int = 0):
+def guided_logits(ref_logits, critic_out, eta, guidance: str, kind: str, atoms=None, top_k: int = 0,
+                  top_k_rest: str = "mask"):
     """Next-token logits of the guided policy from π_ref's logits and the critic's outputs.
 
     guidance "qsharp": ref + log E[exp(Z/η)]; "cd": ref + E[Z]/η (E[Z] = σ(l) for a Bernoulli critic,
-    the histogram mean otherwise); "reference": ref. All restricted to π_ref's top-k when top_k > 0.
+    the histogram mean otherwise); "reference": ref. All restricted to π_ref's top-k when top_k > 0, the
+    other tokens at −inf (`top_k_rest="mask"`) or at their unguided reference logits ("reference").
     """
     k = int(top_k) if top_k else None
     if guidance == "reference":
-        return ref_logits if k is None else value_obj.restrict_top_k(ref_logits, ref_logits, k)
+        return ref_logits if k is None else value_obj.restrict_top_k(ref_logits, ref_logits, k, top_k_rest)
     if guidance == "cd":
         mean = jax.nn.sigmoid(critic_out) if kind == "bernoulli" else value_obj.histogram_mean(critic_out, atoms)
-        return value_obj.qsharp_logits(ref_logits, mean, eta, "cd", top_k=k)
-    return value_obj.qsharp_logits(ref_logits, critic_out, eta, kind, atoms=atoms, top_k=k)
+        return value_obj.qsharp_logits(ref_logits, mean, eta, "cd", top_k=k, top_k_rest=top_k_rest)
+    return value_obj.qsharp_logits(ref_logits, critic_out, eta, kind, atoms=atoms, top_k=k, top_k_rest=top_k_rest)
 
 
-def _processor(guidance, kind, top_k, critic, eta, switch_at, atoms, logits, state):
+def _processor(guidance, kind, top_k, top_k_rest, critic, eta, switch_at, atoms, logits, state):
     """Guided logits while `state.step < switch_at` (per row), π_ref's logits afterwards (roll-out)."""
     out = critic_outputs(critic, state.tokens, state.positions, state.valid)
     c = jax.lax.dynamic_index_in_dim(out, state.index, axis=1, keepdims=False)
-    g = guided_logits(logits, c.astype(jnp.float32), eta, guidance, kind, atoms, top_k)
+    g = guided_logits(logits, c.astype(jnp.float32), eta, guidance, kind, atoms, top_k, top_k_rest)
     use = (state.step < switch_at)[:, None]
     return jnp.where(use, g, logits)
 
 
 @functools.lru_cache(maxsize=None)
-def _processor_fn(guidance: str, kind: str, top_k: int):
+def _processor_fn(guidance: str, kind: str, top_k: int, top_k_rest: str = "mask"):
     # One function object per static setting, so `generate` reuses its compilation across calls.
-    return functools.partial(_processor, guidance, kind, int(top_k))
+    return functools.partial(_processor, guidance, kind, int(top_k), top_k_rest)
 
 
-def make_processor(critic, eta, switch_at, *, guidance="qsharp", kind="bernoulli", atoms=None, top_k=0):
+def make_processor(critic, eta, switch_at, *, guidance="qsharp", kind="bernoulli", atoms=None, top_k=0,
+                   top_k_rest="mask"):
     """Logits processor for `generate`: guidance by `critic` at `eta` before step `switch_at` [B]."""
     if guidance not in GUIDANCE:
         raise ValueError(f"guidance={guidance!r} must be one of {GUIDANCE}")
     atoms = jnp.zeros((1,), jnp.float32) if atoms is None else jnp.asarray(atoms, jnp.float32)
-    return jax.tree_util.Partial(_processor_fn(guidance, kind, int(top_k)), critic, jnp.asarray(eta, jnp.float32),
-                                 jnp.asarray(switch_at, jnp.int32), atoms)
+    return jax.tree_util.Partial(_processor_fn(guidance, kind, int(top_k), top_k_rest), critic,
+                                 jnp.asarray(eta, jnp.float32), jnp.asarray(switch_at, jnp.int32), atoms)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +114,7 @@ def make_processor(critic, eta, switch_at, *, guidance="qsharp", kind="bernoulli
 # ----------------------------------------------------------------------------------------------
 
 def collect_round(ref_model, critic, task, records: dict, key, *, eta, kind, atoms=None, top_k=0,
-                  temperature=1.0, guided: bool = True, mesh=None) -> dict:
+                  temperature=1.0, guided: bool = True, top_k_rest="mask", mesh=None) -> dict:
     """Roll in with the guided policy for h ~ Unif{0..N−1} tokens, roll out with π_ref, label.
 
     Returns numpy arrays: `tokens`, `valid`, `positions` [B, P+N] (prompt + completion), `mask`
@@ -135,7 +141,8 @@ def collect_round(ref_model, critic, task, records: dict, key, *, eta, kind, ato
         local = functools.partial(sharding.local_rows, mesh=mesh)
     proc = None
     if guided and critic is not None:
-        proc = make_processor(critic, eta, switch_arg, guidance="qsharp", kind=kind, atoms=atoms, top_k=top_k)
+        proc = make_processor(critic, eta, switch_arg, guidance="qsharp", kind=kind, atoms=atoms, top_k=top_k,
+                              top_k_rest=top_k_rest)
     out = generate(ref_model, dev["prompt"], dev["prompt_valid"], k_gen, n, task.eos_id, temperature=temperature,
                    logits_processor=proc, pad_id=task.pad_id)
     toks, cmask = local(out.tokens), local(out.mask)
@@ -160,20 +167,23 @@ def critic_loss(model, batch, rng, *, objective, hparams):
 # Evaluation: one critic, several η, Q♯ and CD
 # ----------------------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("guidance", "kind", "top_k", "prompt_len", "ref_def", "critic_def"))
+@functools.partial(jax.jit, static_argnames=("guidance", "kind", "top_k", "prompt_len", "ref_def", "critic_def",
+                                             "top_k_rest"))
 def _guided_kl(ref_state, critic_state, sequences, valid, eta, atoms, *, guidance, kind, top_k, prompt_len,
-               ref_def, critic_def):
+               ref_def, critic_def, top_k_rest="mask"):
     ref = nnx.merge(ref_def, ref_state)
     critic = nnx.merge(critic_def, critic_state)
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    positions = positions_from_valid(valid)
     ref_logits = ref(sequences, positions=positions, valid=valid)[:, prompt_len - 1:-1]
     c = critic_outputs(critic, sequences, positions, valid)[:, prompt_len - 1:-1]
-    g = guided_logits(ref_logits.astype(jnp.float32), c.astype(jnp.float32), eta, guidance, kind, atoms, top_k)
+    g = guided_logits(ref_logits.astype(jnp.float32), c.astype(jnp.float32), eta, guidance, kind, atoms, top_k,
+                      top_k_rest)
     return dv.kl(g, ref_logits)  # KL(π^η ‖ π_ref) per token, summed over the vocabulary
 
 
 def evaluate_guided(ref_model, critic, task, records: dict, key, *, etas, kind, atoms=None, top_k=0,
-                    temperature=1.0, guidances=("qsharp", "cd"), batch_size=128, mesh=None) -> dict:
+                    temperature=1.0, guidances=("qsharp", "cd"), batch_size=128, mesh=None,
+                    top_k_rest="mask") -> dict:
     """pass@1 accuracy, reward, KL(π^η‖π_ref) per token and per sequence for each guidance and η,
     plus the reference (`eval/ref/...`). Names: `eval/<guidance>/eta=<η>/<metric>`.
 
@@ -208,7 +218,7 @@ def evaluate_guided(ref_model, critic, task, records: dict, key, *, etas, kind, 
                                             "never": never}, mesh)
                 local = functools.partial(sharding.local_rows, mesh=mesh)
             proc = make_processor(critic, 1.0 if eta is None else eta, dev["never"], guidance=guidance, kind=kind,
-                                  atoms=atoms, top_k=top_k)
+                                  atoms=atoms, top_k=top_k, top_k_rest=top_k_rest)
             o = generate(ref_model, dev["prompt"], dev["prompt_valid"], jax.random.fold_in(key, lo), n,
                          task.eos_id, temperature=temperature, logits_processor=proc, pad_id=task.pad_id)
             toks, m = local(o.tokens), local(o.mask)
@@ -218,7 +228,7 @@ def evaluate_guided(ref_model, critic, task, records: dict, key, *, etas, kind, 
             kl = local(_guided_kl(ref_state, critic_state, o.sequences, valid.astype(jnp.int32),
                                   jnp.float32(1.0 if eta is None else eta), atoms_arr, guidance=guidance,
                                   kind=kind, top_k=int(top_k), prompt_len=p, ref_def=ref_def,
-                                  critic_def=critic_def))
+                                  critic_def=critic_def, top_k_rest=top_k_rest))
             kl = np.where(m > 0, kl, 0.0)
             per_row = np.stack([ok * real, rew * real, kl.sum(-1) * real, m.sum(-1) * real], axis=-1)
             if mesh is None:
@@ -284,6 +294,10 @@ def validate(cfg, check_paths: bool = True) -> None:
                           "add it to qsharp.etas or set qsharp.report_eta.")
     require(q, "critic_init", lambda v: v in ("reference", "scratch"), "use 'reference' or 'scratch'.",
             default="reference", prefix="qsharp")
+    require(q, "top_k_rest", lambda v: v in value_obj.TOP_K_REST,
+            f"use one of {value_obj.TOP_K_REST}: the tokens outside π_ref's top-k are never sampled ('mask', the "
+            "Q♯ star-graph code) or keep their unguided reference logits ('reference', the Q♯ math code).",
+            default="mask", prefix="qsharp")
     if int(cfg.total_steps) != int(q.rounds) * int(q.critic_steps):
         raise ConfigError(f"config field `total_steps` = {cfg.total_steps} must equal qsharp.rounds × "
                           f"qsharp.critic_steps = {int(q.rounds) * int(q.critic_steps)}.")
@@ -382,6 +396,7 @@ def run(cfg, workdir: str):
     steps_per_round = int(q.critic_steps)
     key = jax.random.PRNGKey(int(cfg.seed) + 3)
     top_k = int(q.get("top_k", 0))
+    top_k_rest = q.get("top_k_rest", "mask")
     temperature = float(q.get("temperature", 1.0))
     rollin_eta = float(q.get("rollin_eta", q.etas[0]))
     stats: dict = {}
@@ -398,7 +413,7 @@ def run(cfg, workdir: str):
             rows = next(loader)
             batch = collect_round(ref_model, ts.model(), task, rows, jax.random.fold_in(key, k), eta=rollin_eta,
                                   kind=kind, atoms=atoms, top_k=top_k, temperature=temperature, guided=k > 0,
-                                  mesh=mesh)
+                                  top_k_rest=top_k_rest, mesh=mesh)
             data.add(k, batch)
             stats["rollout_reward"] = float(jnp.mean(batch["returns"]))
         agg = data.all()
@@ -422,8 +437,9 @@ def run(cfg, workdir: str):
 
     def eval_fn(ts):
         out = evaluate_guided(ref_model, ts.model(), task, records, eval_key, etas=tuple(q.etas), kind=kind,
-                              atoms=atoms, top_k=top_k, temperature=temperature, guidances=guidances,
-                              batch_size=int(cfg.eval.get("batch_size", 128)), mesh=mesh)
+                              atoms=atoms, top_k=top_k, top_k_rest=top_k_rest, temperature=temperature,
+                              guidances=guidances, batch_size=int(cfg.eval.get("batch_size", 128)),
+                              mesh=mesh)
         # Headline numbers (pipeline tables): Q♯ at `qsharp.report_eta`.
         head = f"eval/{guidances[0]}/eta={report_eta:g}"
         for m in ("accuracy", "reward", "kl"):

@@ -39,7 +39,7 @@ from flax import nnx
 from kljax import data as data_lib
 from kljax.config import ConfigError, require
 from kljax.models import positions_from_valid
-from kljax.train import common, sharding as shd
+from kljax.train import common, driver, evaluation as eval_lib, runs as runs_lib, setup as setup_lib, sharding as shd
 
 PAIR_FIELDS = ("chosen", "chosen_valid", "rejected", "rejected_valid")
 
@@ -93,11 +93,11 @@ def evaluate_pairs(model, records, batch_size: int, mesh=None) -> dict:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     multiple = shd.data_parallel_size(mesh) if mesh is not None else 1
     rc, rr = [], []
-    for chunk, n in common._chunks({k: records[k] for k in ("prompt", "prompt_valid") + PAIR_FIELDS},
+    for chunk, n in eval_lib._chunks({k: records[k] for k in ("prompt", "prompt_valid") + PAIR_FIELDS},
                                    batch_size, multiple):
-        c, r = _pair_rewards_jit(graphdef, params, rest, common._place(chunk, mesh))
-        rc.append(common._to_host(c, n))
-        rr.append(common._to_host(r, n))
+        c, r = _pair_rewards_jit(graphdef, params, rest, eval_lib._place(chunk, mesh))
+        rc.append(eval_lib._to_host(c, n))
+        rr.append(eval_lib._to_host(r, n))
     rc, rr = np.concatenate(rc), np.concatenate(rr)
     return {"eval/accuracy": float(np.mean(rc > rr)), "eval/margin": float(np.mean(rc - rr)),
             "eval/rewards/chosen": float(np.mean(rc)), "eval/rewards/rejected": float(np.mean(rr))}
@@ -118,12 +118,12 @@ def check_model_reward(cfg: Any, check_paths: bool = True) -> None:
     wd = model_reward_workdir(cfg)
     if not wd or not check_paths:
         return
-    common.check_run_exists(wd, "task.reward")
-    rcfg = common.read_config(wd)
+    runs_lib.check_run_exists(wd, "task.reward")
+    rcfg = runs_lib.read_config(wd)
     if rcfg.get("loop", "") != "reward_model":
         raise ConfigError(f"config field `task.reward` = {cfg.task.reward!r}: that run has loop={rcfg.get('loop')!r}; "
                           "point it at a run of loop 'reward_model'.")
-    mine, theirs = common.model_config(cfg).vocab_size, common.model_config(rcfg).vocab_size
+    mine, theirs = setup_lib.model_config(cfg).vocab_size, setup_lib.model_config(rcfg).vocab_size
     if mine != theirs:
         raise ConfigError(f"config field `task.reward` = {cfg.task.reward!r}: the reward model's vocabulary has "
                           f"{theirs} entries and the policy's {mine}; a reward model must read the policy's token "
@@ -138,7 +138,7 @@ def _score_jit(graphdef, params, rest, prompt, prompt_valid, completion, complet
 def load_reward_fn(workdir: str, mesh):
     """`fn(prompt, prompt_valid, completion, completion_valid) -> float32[B]` of the reward-model run in
     `workdir` (latest checkpoint, placed on `mesh`); inputs and output stay on the device."""
-    ts, _ = common.load_state_from(workdir, mesh)
+    ts, _ = runs_lib.load_state_from(workdir, mesh)
     graphdef, params, rest = nnx.split(ts.model(), nnx.Param, ...)
     return functools.partial(_score_jit, graphdef, params, rest)
 
@@ -161,29 +161,25 @@ def validate(cfg: Any, check_paths: bool = True) -> None:
     require(cfg, "model.num_atoms", lambda v: int(v) == 1, "use 1 (a scalar reward).", default=1)
     if "reward_model" in cfg:
         require(cfg, "reward_model.center_coef", lambda v: float(v) >= 0, "use a coefficient >= 0.", default=0.0)
-    _check_task_has_pairs(cfg, common.build_task(cfg))
+    _check_task_has_pairs(cfg, setup_lib.build_task(cfg))
     if check_paths and cfg.get("init_from", ""):
-        common.check_run_exists(cfg.init_from, "init_from")
+        runs_lib.check_run_exists(cfg.init_from, "init_from")
 
 
 def run(cfg: Any, workdir: str) -> dict:
     """Train `cfg.total_steps` Bradley–Terry steps in `workdir` (resuming); return the final evaluation."""
     validate(cfg, check_paths=True)
-    task = common.build_task(cfg)
-    mesh = common.build_mesh(cfg)
-    ts = common.create_state(cfg, mesh, task)
-    if cfg.get("init_from", ""):
-        ts = common.init_params_from(ts, cfg.init_from, mesh)
-    source = task.data_source("train", common.data_dir(cfg))
+    task, mesh, ts = setup_lib.setup(cfg)
+    source = task.data_source("train", setup_lib.data_dir(cfg))
     loader = data_lib.make_loader(source, int(cfg.batch_size), seed=int(cfg.seed))
     keep = ("prompt", "prompt_valid") + PAIR_FIELDS
-    batches = common.ShardedIterator(loader, mesh, transform=lambda b: {k: b[k] for k in keep})
+    batches = setup_lib.ShardedIterator(loader, mesh, transform=lambda b: {k: b[k] for k in keep})
     center = float(cfg.get("reward_model", {}).get("center_coef", 0.0))
-    step = common.make_step(rm_loss_fn(center), cfg, mesh, ts)
+    step = setup_lib.make_step(rm_loss_fn(center), cfg, mesh, ts)
     eval_bs = int(cfg.eval.get("batch_size", 128))
 
     def eval_fn(s):
-        return evaluate_pairs(s.model(), common.test_records(cfg, task, "test"), eval_bs, mesh)
+        return evaluate_pairs(s.model(), eval_lib.test_records(cfg, task, "test"), eval_bs, mesh)
 
-    return common.run_loop(cfg, workdir, state=ts, step_fn=step, batches=batches, eval_fn=eval_fn,
+    return driver.run_loop(cfg, workdir, state=ts, step_fn=step, batches=batches, eval_fn=eval_fn,
                            bar_keys=("loss", "accuracy", "margin"), desc=f"reward_model {task.name}")

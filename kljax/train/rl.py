@@ -24,8 +24,13 @@ are made in one process), the rewards become one global array, and advantages, m
 (one permutation from the step's seed on every process) and metrics use the global arrays, so the
 numbers process 0 prints describe the whole batch. DAPO's dynamic sampling stays single-process.
 
-PPO with a critic (`rl.advantage = "gae"`, InstructGPT/Ziegler et al. 2019): the critic shares the
-policy's trunk (`model.value_head = "scalar"`, V(h_t) read at the hidden state that predicts token t).
+PPO with a critic (`rl.advantage = "gae"`, InstructGPT/Ziegler et al. 2019): with `rl.critic = "shared"`
+(default) the critic shares the policy's trunk (`model.value_head = "scalar"`, V(h_t) read at the hidden
+state that predicts token t); with `rl.critic = "separate"` it is a second model of the policy's
+architecture with a scalar head (the policy keeps `model.value_head = "none"`), its trunk initialized
+from the policy's initial params (= the reference), its own optimizer (`optim` with learning rate
+`rl.critic_lr`; 0 or None = `optim.learning_rate`), trained on the same minibatches by
+`rl.vf_coef` · clipped value loss, and checkpointed in `RLState.critic`.
 Per-token rewards r_t = R·1[t = last] − β·k1_t with k1_t = log π_old(y_t|h_t) − log π_ref(y_t|h_t);
 advantages and returns by `advantages.gae(r, V_old, mask, rl.gamma, rl.lam)` (whitened over the
 roll-out when `rl.whiten_advantages`); loss = objective (PPO-clip, its own `beta` = 0) +
@@ -63,6 +68,7 @@ ADVANTAGES = ("objective", "group_mean_std", "group_mean", "leave_one_out", "bat
 # rl.* fields of PPO with a critic (rl.advantage = "gae") and their defaults.
 GAE_DEFAULTS = dict(gamma=1.0, lam=0.95, vf_coef=0.1, value_clip=0.2, kl_coef=0.05, kl_target=0.0,
                     kl_horizon=10000.0, whiten_advantages=True)
+CRITICS = ("shared", "separate")  # rl.critic: value head on the policy's trunk, or a second model
 # Objectives whose default advantage needs a group of samples per prompt (group_size >= 2).
 _NO_GROUP_NEEDED = ("ppo", "reinforce_pp", "apo")
 
@@ -74,6 +80,7 @@ class RLState:
     ref_params: Any
     step: jax.Array
     kl_coef: Any = None  # β of the per-token KL reward (rl.advantage = "gae"; adapted with rl.kl_target)
+    critic: Any = None  # the separate critic's TrainState (rl.critic = "separate"), else None
 
 
 def _rl(cfg):
@@ -114,6 +121,11 @@ def validate(cfg: Any, check_paths: bool = True) -> None:
                           "rl.group_size >= 2 or rl.advantage='batch'.")
     if adv == "gae":
         _validate_gae(cfg, name)
+    else:
+        for k in ("critic", "critic_lr"):
+            if r.get(k, None) not in (None, "shared", 0, 0.0):
+                raise ConfigError(f"config field `rl.{k}` = {r.get(k)!r} configures PPO's critic, which only "
+                                  "rl.advantage='gae' trains; set rl.advantage='gae' or remove the field.")
     require(cfg, "rl.old_logp", lambda v: v in ("auto", "sampler", "recompute"),
             "use 'auto' (the sampler's log-probs when sampling is untempered and untruncated), 'sampler' or "
             "'recompute' (a forward pass of the policy before the update).", default="auto")
@@ -147,6 +159,8 @@ def validate(cfg: Any, check_paths: bool = True) -> None:
             common.check_run_exists(r.teacher_from, "rl.teacher_from")
     from kljax.train import reward_model
     reward_model.check_model_reward(cfg, check_paths)
+    for field in ("rl.reference_sharding", "rl.teacher_sharding"):
+        shd.layout_rules(cfg, field)
     if name == "kdrl" and not r.get("teacher_from", ""):
         raise ConfigError("objective 'kdrl' needs a teacher: set config field `rl.teacher_from` to a trained run's "
                           "workdir.")
@@ -156,9 +170,31 @@ def _gae_opts(cfg: Any) -> dict:
     return {k: cfg.rl.get(k, v) for k, v in GAE_DEFAULTS.items()}
 
 
+def critic_kind(cfg: Any) -> str | None:
+    """'shared' | 'separate' for PPO with a critic (rl.advantage = "gae"), else None."""
+    if cfg.rl.get("advantage", "objective") != "gae":
+        return None
+    return cfg.rl.get("critic", "shared") or "shared"
+
+
 def _validate_gae(cfg: Any, name: str) -> None:
-    require(cfg, "model.value_head", lambda v: v == "scalar",
-            "rl.advantage='gae' trains a critic on the policy's trunk: set model.value_head='scalar'.")
+    kind = require(cfg, "rl.critic", lambda v: v in CRITICS,
+                   f"use one of {CRITICS} (a value head on the policy's trunk, or a second model).", default="shared")
+    if kind == "shared":
+        require(cfg, "model.value_head", lambda v: v == "scalar",
+                "rl.advantage='gae' with rl.critic='shared' trains a critic on the policy's trunk: set "
+                "model.value_head='scalar' (or rl.critic='separate' for a second value model).")
+        if cfg.rl.get("critic_lr", None):
+            raise ConfigError("config field `rl.critic_lr` is the separate critic's learning rate; with "
+                              "rl.critic='shared' the value head trains with the policy (optim.learning_rate): "
+                              "remove it or set rl.critic='separate'.")
+    else:
+        require(cfg, "model.value_head", lambda v: v in ("none", None),
+                "with rl.critic='separate' the critic is its own model with its own scalar head; the policy "
+                "needs none: set model.value_head='none' (or rl.critic='shared' to use the policy's head).",
+                default="none")
+        require(cfg, "rl.critic_lr", lambda v: v is None or float(v) >= 0,
+                "use a positive learning rate for the critic (0 or None: optim.learning_rate).", default=None)
     if name not in ("ppo", "reinforce"):
         raise ConfigError(f"config field `objective.name` = {name!r}: rl.advantage='gae' feeds per-token advantages "
                           "to 'ppo' (PPO with a critic) or 'reinforce'.")
@@ -296,7 +332,7 @@ def update_vocab_tile(cfg: Any, kw: dict, model: Any) -> int:
 def make_rl_loss(cfg: Any, prompt_len: int, group_size: int):
     """`loss_fn(model, batch, rng)` running the configured policy objective on one minibatch."""
     fn, kw = _objective_kwargs(cfg, group_size)
-    critic = cfg.rl.get("advantage", "objective") == "gae"
+    critic = critic_kind(cfg) == "shared"  # a separate critic trains in its own step (make_critic_loss)
     if critic:
         from kljax.objectives.value import clipped_value_loss
         o = _gae_opts(cfg)
@@ -334,6 +370,54 @@ def make_rl_loss(cfg: Any, prompt_len: int, group_size: int):
     return loss_fn
 
 
+def make_critic_loss(cfg: Any, prompt_len: int):
+    """`loss_fn(critic_model, batch, rng)` of the separate critic: `rl.vf_coef` · clipped value loss of its
+    values V(h_t) against the minibatch's GAE returns (the same loss the shared head adds to the policy's)."""
+    from kljax.objectives.value import clipped_value_loss
+    o = _gae_opts(cfg)
+    vf_coef, vclip = float(o["vf_coef"]), (None if o["value_clip"] is None else float(o["value_clip"]))
+
+    def loss_fn(model, batch, rng):
+        del rng
+        seq, valid = batch["sequences"], batch["valid"]
+        h = model.hidden(seq, positions=common.positions_from_valid(valid), valid=valid)[:, prompt_len - 1:-1]
+        vloss, vm = clipped_value_loss(model.values(h), batch["old_values"], batch["returns"], batch["mask"],
+                                       clip_eps=vclip)
+        return vf_coef * vloss, dict(vm)
+    return loss_fn
+
+
+def critic_config(cfg: Any) -> Any:
+    """The separate critic's config: the policy's model with a scalar value head, `optim` at `rl.critic_lr`."""
+    c = cfg.copy_and_resolve_references()
+    with c.unlocked():
+        c.model.value_head = "scalar"
+        if cfg.rl.get("critic_lr", None):  # 0 / None: the policy's learning rate
+            c.optim.learning_rate = float(cfg.rl.critic_lr)
+    return c
+
+
+def create_critic(sched_cfg: Any, mesh: Any, task: Any, policy_params: Any) -> state_lib.TrainState:
+    """The separate critic's fresh train state: the policy's (initial) params for the trunk, a fresh head."""
+    c = critic_config(sched_cfg)
+    ts = common.create_state(c, mesh, task, pretrained=False)  # the trunk is overwritten just below
+    # Copies: the policy's step donates its params, which must not be the critic's buffers too.
+    params = common.merge_params(ts.params, jax.tree.map(lambda x: x.copy(), policy_params))
+    if params is None:
+        raise ConfigError("config field `rl.critic` = 'separate': the critic (the policy's model with "
+                          "value_head='scalar') does not match the policy's parameters; this is a bug.")
+    return ts.replace(params=params)
+
+
+def reference_layout(cfg: Any, ts: Any, mesh: jax.sharding.Mesh):
+    """`params -> copy` placed in the reference's layout (`rl.reference_sharding`, default the policy's)."""
+    rules = shd.layout_rules(cfg, "rl.reference_sharding")
+    if rules is shd.DEFAULT_RULES:
+        return lambda params: jax.tree.map(lambda x: x.copy(), params)
+    sharding, _ = state_lib.model_shardings(ts.model(), mesh, rules)
+    return lambda params: jax.device_put(jax.tree.map(lambda x: x.copy(), params), sharding)
+
+
 def run(cfg: Any, workdir: str) -> dict:
     """Train `cfg.total_steps` roll-outs in `workdir` (resuming); return the final evaluation."""
     r = cfg.rl
@@ -352,20 +436,28 @@ def run(cfg: Any, workdir: str) -> dict:
     ts = common.create_state(sched_cfg, mesh, task)
     if cfg.get("init_from", ""):  # else the model.hf_path checkpoint's params (also the reference)
         ts = common.init_params_from(ts, cfg.init_from, mesh)
-    ref_params = jax.tree.map(lambda x: x.copy(), ts.params)
+    ref_layout = reference_layout(cfg, ts, mesh)
+    ref_params = ref_layout(ts.params)
     teacher = None
     if r.get("teacher_from", ""):
-        teacher_ts, _ = common.load_state_from(r.teacher_from, mesh)
+        teacher_ts, _ = common.load_state_from(r.teacher_from, mesh, rules=shd.layout_rules(cfg, "rl.teacher_sharding"))
         teacher = (teacher_ts.graphdef, teacher_ts.params, teacher_ts.model_state)
     gae_opts = _gae_opts(cfg)
+    separate = critic_kind(cfg) == "separate"
+    critic_ts = create_critic(sched_cfg, mesh, task, ts.params) if separate else None
     state = RLState(train=ts, ref_params=ref_params,
                     step=jax.device_put(jnp.zeros((), jnp.int32), shd.replicated(mesh)),
-                    kl_coef=jax.device_put(jnp.asarray(float(gae_opts["kl_coef"]), jnp.float32), shd.replicated(mesh)))
+                    kl_coef=jax.device_put(jnp.asarray(float(gae_opts["kl_coef"]), jnp.float32), shd.replicated(mesh)),
+                    critic=critic_ts)
 
     exact = cfg.objective.get("kl_estimator", "") == "exact"
     adv_kind = r.get("advantage", "objective")
     step_fn_jit = state_lib.make_train_step(make_rl_loss(cfg, P, G), mesh, state_lib.state_sharding(ts),
                                             schedule=common.schedule(sched_cfg))
+    critic_step_jit = None
+    if separate:
+        critic_step_jit = state_lib.make_train_step(make_critic_loss(cfg, P), mesh, state_lib.state_sharding(critic_ts),
+                                                    schedule=common.schedule(critic_config(sched_cfg)))
     source = task.data_source("train", common.data_dir(cfg))
     prompts = data_lib.make_loader(source, n_prompts, seed=int(cfg.seed))
     # Evaluation KL is always to the initial (pretrained) model, also when the reference is reset.
@@ -433,7 +525,7 @@ def run(cfg: Any, workdir: str) -> dict:
         return shd.shard_batch(batch, mesh), stats
 
     def step_fn(st: RLState, _):
-        train = st.train
+        train, critic = st.train, st.critic
         step = int(jax.device_get(st.step))
         key = jax.random.fold_in(train.rng, 1_000_003 + step)  # differs from the update keys fold_in(rng, t)
         model = train.model()
@@ -468,7 +560,8 @@ def run(cfg: Any, workdir: str) -> dict:
         kl_coef = st.kl_coef
         gae_stats = {}
         if adv_kind == "gae":  # PPO with a critic: per-token KL reward, GAE, critic targets
-            old_values = _old_values(train.graphdef, train.params, train.model_state, seq, valid, P)
+            vs = critic if separate else train
+            old_values = _old_values(vs.graphdef, vs.params, vs.model_state, seq, valid, P)
             a, ret, seq_kl = _gae_batch(rw, old_logp, ref_logp, old_values, mask, kl_coef,
                                         float(gae_opts["gamma"]), float(gae_opts["lam"]),
                                         bool(gae_opts["whiten_advantages"]))
@@ -494,6 +587,10 @@ def run(cfg: Any, workdir: str) -> dict:
                 idx = (order[lo:lo + mb // G][:, None] * G + np.arange(G)[None]).reshape(-1)
                 mbatch = select_rows(full, jax.device_put(idx, replicated))
                 train, m = step_fn_jit(train, mbatch)
+                if separate:  # the critic's own update on the same minibatch
+                    critic, cm = critic_step_jit(critic, mbatch)
+                    m = dict(m)
+                    m.update({(k if k.startswith("value") else f"critic/{k}"): v for k, v in cm.items()})
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n += 1
@@ -506,9 +603,9 @@ def run(cfg: Any, workdir: str) -> dict:
         out.update(gae_stats)
         new_ref = st.ref_params
         if r.get("reference", "fixed") == "reset" and (step + 1) % int(r.reset_every) == 0:
-            new_ref = jax.tree.map(lambda x: x.copy(), train.params)
+            new_ref = ref_layout(train.params)
             out["reference_reset"] = 1.0
-        return RLState(train=train, ref_params=new_ref, step=st.step + 1, kl_coef=kl_coef), out
+        return RLState(train=train, ref_params=new_ref, step=st.step + 1, kl_coef=kl_coef, critic=critic), out
 
     try:
         return common.run_loop(cfg, workdir, state=state, step_fn=step_fn, batches=_PromptIter(prompts),

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from kljax import data as data_lib
 from kljax import ops
-from kljax.train import common
+from kljax.train import common, driver, evaluation as eval_lib, runs as runs_lib, sequences as seq_lib, setup as setup_lib
 
 
 def sft_loss_fn(prompt_len: int):
@@ -24,7 +23,7 @@ def sft_loss_fn(prompt_len: int):
         del rng
         seq = jnp.concatenate([batch["prompt"], batch["target"]], axis=1)
         valid = jnp.concatenate([batch["prompt_valid"], batch["target_valid"]], axis=1)
-        logp, logits = common.completion_logp(model, seq, valid, prompt_len)
+        logp, logits = seq_lib.completion_logp(model, seq, valid, prompt_len)
         mask = batch["target_valid"].astype(jnp.float32)
         loss = -ops.masked_mean(logp, mask)
         correct = (jnp.argmax(logits, -1) == batch["target"]).astype(jnp.float32)
@@ -37,20 +36,16 @@ def validate(cfg: Any, check_paths: bool = True) -> None:
     """SFT needs only the common fields (and an existing `init_from` run when set)."""
     common.validate_common(cfg)
     if check_paths and cfg.get("init_from", ""):
-        common.check_run_exists(cfg.init_from, "init_from")
+        runs_lib.check_run_exists(cfg.init_from, "init_from")
 
 
 def run(cfg: Any, workdir: str) -> dict:
     """Train `cfg.total_steps` SFT steps in `workdir` (resuming), return the final evaluation."""
-    task = common.build_task(cfg)
-    mesh = common.build_mesh(cfg)
-    ts = common.create_state(cfg, mesh, task)
-    if cfg.get("init_from", ""):
-        ts = common.init_params_from(ts, cfg.init_from, mesh)
-    source = task.data_source("train", common.data_dir(cfg))
+    task, mesh, ts = setup_lib.setup(cfg)
+    source = task.data_source("train", setup_lib.data_dir(cfg))
     loader = data_lib.make_loader(source, int(cfg.batch_size), seed=int(cfg.seed))
-    batches = common.ShardedIterator(loader, mesh)
-    step = common.make_step(sft_loss_fn(task.prompt_len), cfg, mesh, ts)
-    eval_fn = common.make_generation_eval(cfg, task, mesh)
-    return common.run_loop(cfg, workdir, state=ts, step_fn=step, batches=batches, eval_fn=eval_fn,
+    batches = setup_lib.ShardedIterator(loader, mesh)
+    step = setup_lib.make_step(sft_loss_fn(task.prompt_len), cfg, mesh, ts)
+    eval_fn = eval_lib.make_generation_eval(cfg, task, mesh)
+    return driver.run_loop(cfg, workdir, state=ts, step_fn=step, batches=batches, eval_fn=eval_fn,
                            bar_keys=("loss", "token_accuracy"), desc=f"sft {task.name}")

@@ -35,6 +35,29 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("length", None),
 )
 
+# A model's parameters may be laid out differently from the policy's on the same mesh (a bigger
+# teacher or reference): "tensor" is Megatron-style tensor parallelism over every model-parallel
+# device (fsdp × tensor), with the embedding dimension replicated, so the model's matmuls are split
+# by their output features instead of gathering FSDP shards of the weights at each layer.
+TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", None),
+    ("mlp", ("fsdp", "tensor")),
+    ("heads", ("fsdp", "tensor")),
+    ("kv", None),
+    ("vocab", ("fsdp", "tensor")),
+    ("length", None),
+)
+PARAM_LAYOUTS = {"fsdp": DEFAULT_RULES, "tensor": TENSOR_PARALLEL_RULES}
+
+
+def layout_rules(cfg: Any, field: str) -> tuple[tuple[str, Any], ...]:
+    """The logical-axis rules of the parameter layout named by config field `field` (default "fsdp")."""
+    from kljax.config import require
+    name = require(cfg, field, lambda v: v in PARAM_LAYOUTS, f"use one of {sorted(PARAM_LAYOUTS)}.", default="fsdp")
+    return PARAM_LAYOUTS[name]
+
+
 # Environment variables set by launch/local_multiprocess.py (and usable by any pod launcher).
 ENV_COORDINATOR = "KLJAX_COORDINATOR"
 ENV_NUM_PROCESSES = "KLJAX_NUM_PROCESSES"
