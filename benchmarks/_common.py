@@ -185,3 +185,21 @@ def run_child(script: str, args, timeout: float, repo: str) -> dict:
         return dict(error=f"exit {p.returncode}: " + " / ".join(tail))
     res["process_wall_s"] = time.perf_counter() - t0
     return res
+
+
+def jax_device_peak_bytes():
+    """Peak bytes in use on the first JAX device (GPU/TPU), None on CPU or when the backend has no stats."""
+    import jax
+    d = jax.devices()[0]
+    if d.platform == "cpu":
+        return None
+    try:
+        return int((d.memory_stats() or {}).get("peak_bytes_in_use"))
+    except Exception:  # noqa: BLE001 - backend without memory statistics
+        return None
+
+
+def torch_device_peak_bytes():
+    """`torch.cuda.max_memory_allocated()` when torch runs on a GPU, else None."""
+    import torch
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None

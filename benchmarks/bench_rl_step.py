@@ -3,6 +3,7 @@
     python benchmarks/bench_rl_step.py                   # 3 rounds × (2 warm-up + 5 timed steps) per contender
     python benchmarks/bench_rl_step.py --quick           # 1 round × (1 + 1) steps: checks every contender runs
     python benchmarks/bench_rl_step.py --contenders kljax trl --rounds 5
+    JAX_PLATFORMS=cuda python benchmarks/bench_rl_step.py  # on a GPU (TRL then runs on CUDA too)
 
 Workload (issue 9, identical for every contender): Qwen2-style decoder, vocabulary 1024, 4 layers, width 256,
 4 heads × 64 (no GQA), q/k/v bias, SwiGLU 1024, RMSNorm 1e-6, RoPE θ 1e6, untied head, float32, random init
@@ -26,15 +27,17 @@ over `--rounds` (round r starts with contender r mod n):
   `transformers`' Qwen2 from the folder. Step time = the interval between `on_step_end` callbacks; phases
   from TRL's own profiling hooks (`profiling_context`: `transformers.generate`, `_prepare_inputs`; the
   update is the step minus `_prepare_inputs`).
-* Tunix: `GRPOLearner` with the vanilla rollout on one CPU device (mesh fsdp=1, tp=1), Tunix's
-  `models.qwen2` at these dimensions loaded from the folder's safetensors. Step time = the interval between
-  the ends of `_run_global_step`; phases by wrapping `RLCluster.generate`, `get_ref_per_token_logps` and
-  `update_actor`.
+* Tunix: `GRPOLearner` (kl_loss_mode="low_var_kl", i.e. k3; its default "kl" is k1) with the vanilla
+  rollout (top_p=1.0, which Tunix needs to sample rather than decode greedily) on one device (mesh
+  fsdp=1, tp=1), Tunix's `models.qwen2` at these dimensions loaded from the folder's safetensors. Step
+  time = the interval between the ends of `_run_global_step`; phases by wrapping `RLCluster.generate`,
+  `get_ref_per_token_logps` and `update_actor`.
 
 Reported per contender: median and min–max of the step time over every timed step of every round (the
-first `--warmup` steps of each process compile and are dropped), completion tokens/s = 4,096 / median,
-phase medians, peak RSS of the process, and the CPU seconds other processes used during the timed steps
-(a round with foreign load above 10% of a core is marked contended). Compare within a round when the
+first `--warmup` steps of each process compile and are dropped; the first one is shown separately),
+completion tokens/s = 4,096 / median, phase medians, peak RSS of the process (and peak device memory on a
+GPU), and the CPU seconds other processes used during the timed steps (a round with foreign load above
+10% of a core is marked contended). Compare within a round when the
 machine's speed drifts (the per-round table). Never installs anything: the peers come from the `bench`
 extra (`pip install -e .[bench]`); a contender whose package is missing is reported as skipped.
 """
@@ -100,8 +103,10 @@ def child_kljax(folder: str, warmup: int, steps: int, workdir: str) -> dict:
             return out
         return wrapper
 
-    rl.generate = timed("sample", rl.generate)
-    rl._model_logp = timed("logp passes", rl._model_logp)
+    # Wrapped where the loop looks them up; a name the loop no longer has is left alone (its phase reads n/a).
+    for attr, phase in (("generate", "sample"), ("_model_logp", "logp passes")):
+        if hasattr(rl, attr):
+            setattr(rl, attr, timed(phase, getattr(rl, attr)))
     make = rl.state_lib.make_train_step
     rl.state_lib.make_train_step = lambda *a, **k: timed("update", make(*a, **k))
 
@@ -134,9 +139,9 @@ def child_kljax(folder: str, warmup: int, steps: int, workdir: str) -> dict:
     ph = {k: v[warmup:warmup + steps] for k, v in phases.items()}
     for k in extra:  # the loop's own phase metrics, when it logs any
         ph[k] = [r[k] for r in rows if k in r][warmup:warmup + steps]
-    return dict(step_s=step_s[warmup:warmup + steps], phases=ph, params=n_params,
+    return dict(step_s=step_s[warmup:warmup + steps], phases=ph, params=n_params, warmup_s=step_s[:warmup],
                 completion_len=[r["completions/mean_length"] for r in rows if "completions/mean_length" in r
-                                ][warmup:warmup + steps],
+                                ][warmup:warmup + steps], device_peak=C.jax_device_peak_bytes(),
                 window_s=marks.get("t1", 0) - marks.get("t0", 0),
                 foreign_cpu_s=C.foreign_cpu_s(marks.get("j0"), marks.get("j1")))
 
@@ -155,6 +160,7 @@ def child_trl(folder: str, warmup: int, steps: int, workdir: str) -> dict:
     from rl_workload_reward import even_fraction
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    on_gpu = torch.cuda.is_available()
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params == C.WORKLOAD_PARAMS, f"TRL (transformers) model has {n_params} parameters"
     tok = C.workload_tokenizer(folder)
@@ -165,7 +171,7 @@ def child_trl(folder: str, warmup: int, steps: int, workdir: str) -> dict:
         beta=W["beta"], epsilon=0.2, learning_rate=W["lr"], lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, per_device_train_batch_size=ROWS, gradient_accumulation_steps=1,
         num_generations=W["group"], max_completion_length=W["new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
-        max_steps=total, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+        max_steps=total, logging_steps=1, save_strategy="no", report_to="none", use_cpu=not on_gpu, bf16=False,
         fp16=False, seed=0, dataloader_num_workers=0, shuffle_dataset=False, disable_tqdm=True)
     ends, marks = [], {}
     phase_log = []
@@ -203,8 +209,10 @@ def child_trl(folder: str, warmup: int, steps: int, workdir: str) -> dict:
         phases["roll-out (sample+score+ref)"].append(prep)
     phases["update"] = [s - p for s, p in zip(step_s, phases["roll-out (sample+score+ref)"])]
     return dict(step_s=step_s[warmup:], phases={k: v[warmup:] for k, v in phases.items()}, params=n_params,
+                warmup_s=step_s[:warmup],
                 window_s=sum(step_s[warmup:]), foreign_cpu_s=C.foreign_cpu_s(marks.get("j0"), marks.get("j1")),
-                torch_threads=torch.get_num_threads(), completion_len=lengths[warmup:])
+                torch_threads=torch.get_num_threads(), completion_len=lengths[warmup:],
+                device_peak=C.torch_device_peak_bytes())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -273,7 +281,9 @@ def child_tunix(folder: str, warmup: int, steps: int, workdir: str) -> dict:
     cluster.generate = timed("sample", cluster.generate)  # returns host lists: already synchronous
     cluster.get_ref_per_token_logps = timed("ref logp pass", cluster.get_ref_per_token_logps)
     cluster.update_actor = timed("update", cluster.update_actor)
-    algo = grpo_lib.GRPOConfig(num_generations=W["group"], num_iterations=1, beta=W["beta"], epsilon=0.2)
+    # Tunix 0.1.7's default kl_loss_mode "kl" is k1; the workload's k3 is its "low_var_kl".
+    algo = grpo_lib.GRPOConfig(num_generations=W["group"], num_iterations=1, beta=W["beta"], epsilon=0.2,
+                               kl_loss_mode="low_var_kl")
     ends, marks = [time.perf_counter()], {}
 
     class Timed(grpo_lib.GRPOLearner):
@@ -296,8 +306,9 @@ def child_tunix(folder: str, warmup: int, steps: int, workdir: str) -> dict:
         learner.train(train_ds)
     step_s = [b - a for a, b in zip(ends, ends[1:])]
     return dict(step_s=step_s[warmup:], phases={k: v[warmup:total] for k, v in phases.items()}, params=n_params,
+                warmup_s=step_s[:warmup],
                 window_s=sum(step_s[warmup:]), foreign_cpu_s=C.foreign_cpu_s(marks.get("j0"), marks.get("j1")),
-                completion_len=lengths[warmup:total])
+                completion_len=lengths[warmup:total], device_peak=C.jax_device_peak_bytes())
 
 
 def _length_recording(fn, lengths):
@@ -334,6 +345,11 @@ def child_main(a) -> None:
         res = dict(skipped=f"{a.child} not importable ({e}); install the bench extra")
     res["peak_rss"] = C.peak_rss_bytes()
     C.emit_result(res)
+
+
+def _device_peak(ok) -> str:
+    peaks = [x["device_peak"] for x in ok if x.get("device_peak")]
+    return f" (device {C.fmt_bytes(max(peaks))})" if peaks else ""
 
 
 def main(argv=None) -> None:
@@ -380,7 +396,8 @@ def main(argv=None) -> None:
             if "error" in x or "skipped" in x:
                 notes.append(f"{c}, round {x['round']}: {x.get('error') or x.get('skipped')}")
         if not ok:
-            rows.append([c, "failed", "", "", "", "", "", ""])
+            what = "skipped" if all("skipped" in x for x in runs[c]) else "failed"
+            rows.append([c, what, "", "", "", "", "", "", ""])
             continue
         med, lo, hi = C.summary([s for x in ok for s in x["step_s"]])
         phase_names = list(ok[0]["phases"])
@@ -393,10 +410,11 @@ def main(argv=None) -> None:
         window = sum(x["window_s"] for x in ok)
         flag = " (contended)" if C.contended(foreign, window) else ""
         rows.append([c, C.fmt_s(med), f"{C.fmt_s(lo)}–{C.fmt_s(hi)}", f"{TOKENS / med:,.0f}", phases,
-                     C.fmt_bytes(max(x["peak_rss"] for x in ok)), f"{foreign:.1f} / {window:.0f}{flag}",
+                     C.fmt_s(C.summary([x["warmup_s"][0] for x in ok if x.get("warmup_s")])[0], 1),
+                     C.fmt_bytes(max(x["peak_rss"] for x in ok)) + _device_peak(ok), f"{foreign:.1f} / {window:.0f}{flag}",
                      f"{ok[0]['params']:,}"])
     print(C.table(["contender", "step (s, median)", "min–max", "completion tokens/s", "phases (s, median)",
-                   "peak RSS", "other processes' CPU-s / timed wall-s", "params"], rows))
+                   "first step incl. compile (s)", "peak RSS (device)", "other processes' CPU-s / timed wall-s", "params"], rows))
     print("\nPer round (median step s; compare within a round):\n")
     per = []
     for r in range(a.rounds):
@@ -404,7 +422,7 @@ def main(argv=None) -> None:
         for c in a.contenders:
             x = runs[c][r]
             if "step_s" not in x:
-                line.append("failed")
+                line.append("skipped" if "skipped" in x else "failed")
                 continue
             mark = " (contended)" if C.contended(x["foreign_cpu_s"], x["window_s"]) else ""
             line.append(C.fmt_s(C.summary(x["step_s"])[0]) + mark)

@@ -17,8 +17,8 @@ random Qwen2 of `benchmarks/_common.py` (4,723,968 parameters, float32), the sam
 
 Each sampler runs in its own process, alternating over rounds; one warm-up call (compilation) is dropped,
 then `--repeats` calls are timed. Reported: median and min–max seconds per call, generated tokens/s
-(4,096 / median), peak RSS, and the CPU seconds other processes used during the timed calls (contended
-when above 10% of a core).
+(4,096 / median), peak RSS (and peak device memory on a GPU: `JAX_PLATFORMS=cuda python ...`), and the
+CPU seconds other processes used during the timed calls (contended when above 10% of a core).
 """
 from __future__ import annotations
 
@@ -72,7 +72,8 @@ def child_kljax(folder, repeats):
         out = sampling.generate(model, prompts, valid, next(keys), NEW, None)
         shapes.append(int(jax.block_until_ready(out.mask).sum()))
     times, foreign = _timed(call, repeats)
-    return dict(times=times, foreign_cpu_s=foreign, tokens_per_call=shapes[-1], params=n)
+    return dict(times=times, foreign_cpu_s=foreign, tokens_per_call=shapes[-1], params=n,
+                device_peak=C.jax_device_peak_bytes())
 
 
 def child_tunix(folder, repeats):
@@ -99,17 +100,19 @@ def child_tunix(folder, repeats):
                     top_k=None, eos_tokens=[C.EOS_ID], seed=next(seeds), echo=False, pad_output=False)
         counts.append(sum(len(t) for t in out.tokens))
     times, foreign = _timed(call, repeats)
-    return dict(times=times, foreign_cpu_s=foreign, tokens_per_call=counts[-1], params=n)
+    return dict(times=times, foreign_cpu_s=foreign, tokens_per_call=counts[-1], params=n,
+                device_peak=C.jax_device_peak_bytes())
 
 
 def child_hf(folder, repeats):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().to(dev)
     n = sum(p.numel() for p in model.parameters())
     assert n == C.WORKLOAD_PARAMS, n
-    ids = torch.from_numpy(_prompt_ids()).long()
+    ids = torch.from_numpy(_prompt_ids()).long().to(dev)
     mask = torch.ones_like(ids)
     counts = []
 
@@ -118,14 +121,19 @@ def child_hf(folder, repeats):
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                                  top_p=1.0, max_new_tokens=NEW, min_new_tokens=0, eos_token_id=C.EOS_ID,
                                  pad_token_id=C.PAD_ID)
-        counts.append(int((out[:, W["prompt_len"]:] < W["vocab"]).sum()))
+        counts.append(int((out[:, W["prompt_len"]:] < W["vocab"]).sum()))  # int() also syncs a GPU
     times, foreign = _timed(call, repeats)
     return dict(times=times, foreign_cpu_s=foreign, tokens_per_call=counts[-1], params=n,
-                torch_threads=torch.get_num_threads())
+                torch_threads=torch.get_num_threads(), device_peak=C.torch_device_peak_bytes())
 
 
 CHILDREN = {"kljax": child_kljax, "tunix": child_tunix, "hf": child_hf}
 LABELS = {"kljax": "kljax `generate`", "tunix": "Tunix `Sampler` (top_p=1)", "hf": "Hugging Face `generate`"}
+
+
+def _device_peak(ok) -> str:
+    peaks = [x["device_peak"] for x in ok if x.get("device_peak")]
+    return f" (device {C.fmt_bytes(max(peaks))})" if peaks else ""
 
 
 def main(argv=None):
@@ -169,7 +177,8 @@ def main(argv=None):
         ok = [x for x in runs[s] if "times" in x]
         notes += [f"{s}: {x.get('error') or x.get('skipped')}" for x in runs[s] if "times" not in x]
         if not ok:
-            rows.append([LABELS[s], "failed", "", "", "", "", ""])
+            rows.append([LABELS[s], "skipped" if all("skipped" in x for x in runs[s]) else "failed",
+                         "", "", "", "", ""])
             continue
         med, lo, hi = C.summary([t for x in ok for t in x["times"]])
         base = base or med
@@ -180,10 +189,10 @@ def main(argv=None):
         if toks != {ROWS * NEW}:
             notes.append(f"{s}: generated {sorted(toks)} tokens per call, expected {ROWS * NEW}")
         rows.append([LABELS[s], C.fmt_s(med), f"{C.fmt_s(lo)}–{C.fmt_s(hi)}", f"{ROWS * NEW / med:,.0f}",
-                     f"{med / base:.2f}", C.fmt_bytes(max(x["peak_rss"] for x in ok)),
+                     f"{med / base:.2f}", C.fmt_bytes(max(x["peak_rss"] for x in ok)) + _device_peak(ok),
                      f"{foreign:.1f} / {wall:.0f}{flag}"])
     print(C.table(["sampler", "s / call (median)", "min–max", "generated tokens/s", f"÷ {a.samplers[0]}",
-                   "peak RSS", "other processes' CPU-s / timed wall-s"], rows))
+                   "peak RSS (device)", "other processes' CPU-s / timed wall-s"], rows))
     for n in notes:
         print(f"\nNote: {n}")
 

@@ -20,7 +20,8 @@ Peak memory is the compiled program's temporary buffer size (``compiled.memory_a
 processes used during its measurement (from /proc/stat), so a run on a shared machine is marked
 rather than reported as clean. Peers, when importable (they are in the ``bench`` extra; this script
 never installs them): TRL's PyTorch path (``h @ W`` in torch, then ``trl.trainer.utils.
-selective_log_softmax`` + ``entropy_from_logits``; ``GKDTrainer.generalized_jsd_loss``, from ``trl.experimental.gkd`` in trl ≥ 1.0) and Tunix's
+selective_log_softmax`` + ``entropy_from_logits``; ``GKDTrainer.generalized_jsd_loss``, from
+``trl.experimental.gkd`` in trl ≥ 1.0) and Tunix's
 ``tunix.rl.common.selective_log_softmax`` on dense JAX logits (Tunix's own log-prob path; its
 entropy is computed with ``ops.entropy``). Torch memory is ``torch.cuda.max_memory_allocated`` on a
 GPU and not measured on CPU. The TRL rows run in a child process that never starts XLA (in the

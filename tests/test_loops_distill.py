@@ -255,3 +255,27 @@ def test_minillm_runs_on_the_students_own_samples(tmp_path):
     assert np.mean(seq) > 1.0  # sequence KL(q‖p) estimates, ~10 nats here
     rkl = np.array([r["distill/reverse_kl"] for r in recs])  # exact per-token KL(q‖p) on the sampled prefixes
     assert np.mean(rkl[-8:]) < 0.85 * np.mean(rkl[:8])
+
+
+def test_minillm_student_samples_stay_in_the_teacher_aligned_vocabulary(tmp_path):
+    """A Hugging Face teacher compared on the first `vocab` ids (padding rows dropped): MiniLLM's student
+    samples come from its distribution renormalized there, the one its loss scores."""
+    student = TransformerLM(lm_config(vocab_size=TASK.vocab_size, width=16, depth=1, num_heads=2, max_len=8),
+                            rngs=nnx.Rngs(0))
+    raw = _raw()
+
+    class Narrow(_Teacher):
+        vocab = 3
+
+    d, _ = _data("minillm,smoke", tmp_path)
+    d.__init__(d.cfg, TASK, Narrow(), iter(()), d.mesh)
+    assert d.student_processor is not None
+    batch, which = d.batch(0, student, raw)
+    assert which == "student"
+    toks, valid = np.asarray(batch["tokens"]), np.asarray(batch["valid"])
+    comp = toks[:, 1:][valid[:, 1:] > 0]
+    assert comp.size and comp.max() < 3
+    # other objectives (GKD) sample from the student's whole vocabulary
+    g, _ = _data("fkl,onpolicy,smoke", tmp_path)
+    g.__init__(g.cfg, TASK, Narrow(), iter(()), g.mesh)
+    assert g.student_processor is None

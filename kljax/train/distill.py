@@ -346,6 +346,14 @@ class _Teacher:
         return self._fwd(b["tokens"], b["positions"], b["valid"]).astype(jnp.float32)
 
 
+def _vocab_limit(limit, logits, state):
+    """Logits processor: ids >= `limit` are never sampled. MiniLLM scores the student's samples with its
+    logits cut to the teacher-aligned vocabulary (padding rows dropped), so it must sample from exactly that
+    renormalized distribution."""
+    del state
+    return jnp.where(jnp.arange(logits.shape[-1]) < limit, logits, -jnp.inf)
+
+
 def _source_sample(task, prompts, n, key):
     """Completions sampled from synthetic_lm's true source (the 'source' teacher), [B, N] + mask."""
     seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
@@ -373,6 +381,9 @@ class _DistillData:
         self.replay: list = []
         self.replay_size = int(cfg.distill.get("replay_size", 0) or 0)
         self.counts = {"dataset": 0, "student": 0, "teacher": 0, "replay": 0}
+        limit = getattr(teacher, "vocab", None) if cfg.objective.get("name", "") == "minillm" else None
+        # One Partial object for the run, so `generate` reuses its compilation.
+        self.student_processor = None if limit is None else jax.tree_util.Partial(_vocab_limit, jnp.int32(limit))
 
     def __iter__(self):
         return self
@@ -424,8 +435,9 @@ class _DistillData:
         model = student if which == "student" else self.teacher.model
         # This process's prompts, sampled under the mesh; the completions come back as its own rows.
         dev = sharding.shard_batch({"p": np.asarray(prompts), "v": np.asarray(pv)}, self.mesh)
+        proc = self.student_processor if which == "student" else None
         out = generate(model, dev["p"], dev["v"], key, n, self.task.eos_id, temperature=self.temperature,
-                       pad_id=self.task.pad_id)
+                       pad_id=self.task.pad_id, logits_processor=proc)
         return sharding.local_rows(out.tokens, self.mesh), sharding.local_rows(out.mask, self.mesh)
 
     def batch(self, step: int, student, raw: dict) -> tuple[dict, str]:
@@ -494,13 +506,9 @@ def run(cfg, workdir: str):
         return run_classifier_kd(cfg, workdir)
     objective = check_objective(cfg, "distill")
     hparams = objective_hparams(cfg)
-    task = common.build_task(cfg)
-    mesh = common.build_mesh(cfg)
+    from kljax.train import setup as setup_lib
+    task, mesh, ts = setup_lib.setup(cfg)
     teacher = _Teacher(cfg, task, mesh)
-    ts = common.create_state(cfg, mesh, task)
-    if cfg.get("init_from", ""):
-        common.check_run_exists(cfg.init_from, "init_from")
-        ts = common.init_params_from(ts, cfg.init_from, mesh)
     train_step = common.make_step(functools.partial(lm_distill_loss, objective=objective, hparams=hparams),
                                   cfg, mesh, ts)
     loader = make_loader(task.data_source("train", common.data_dir(cfg)), int(cfg.batch_size), seed=int(cfg.seed))

@@ -418,202 +418,254 @@ def reference_layout(cfg: Any, ts: Any, mesh: jax.sharding.Mesh):
     return lambda params: jax.device_put(jax.tree.map(lambda x: x.copy(), params), sharding)
 
 
+def schedule_config(cfg: Any) -> Any:
+    """`cfg` whose lr schedule counts optimizer updates (several per roll-out) unless `optim.total_steps` is set."""
+    c = cfg.copy_and_resolve_references()
+    with c.unlocked():
+        if "total_steps" not in c.optim:
+            c.optim.total_steps = int(cfg.total_steps) * updates_per_step(cfg)
+    return c
+
+
 def run(cfg: Any, workdir: str) -> dict:
     """Train `cfg.total_steps` roll-outs in `workdir` (resuming); return the final evaluation."""
-    r = cfg.rl
-    G, n_prompts = int(r.group_size), int(r.prompts_per_step)
-    mb = int(r.minibatch_size)
-    rows = n_prompts * G
-    task = common.build_task(cfg)
-    mesh = common.build_mesh(cfg)
-    P = task.prompt_len
-    n_new = int(r.get("max_new_tokens", 0) or task.completion_len)
-    # The lr schedule counts optimizer updates.
-    sched_cfg = cfg.copy_and_resolve_references()
-    with sched_cfg.unlocked():
-        if "total_steps" not in sched_cfg.optim:
-            sched_cfg.optim.total_steps = int(cfg.total_steps) * updates_per_step(cfg)
-    ts = common.create_state(sched_cfg, mesh, task)
-    if cfg.get("init_from", ""):  # else the model.hf_path checkpoint's params (also the reference)
-        ts = common.init_params_from(ts, cfg.init_from, mesh)
-    ref_layout = reference_layout(cfg, ts, mesh)
-    ref_params = ref_layout(ts.params)
-    teacher = None
-    if r.get("teacher_from", ""):
-        teacher_ts, _ = common.load_state_from(r.teacher_from, mesh, rules=shd.layout_rules(cfg, "rl.teacher_sharding"))
-        teacher = (teacher_ts.graphdef, teacher_ts.params, teacher_ts.model_state)
-    gae_opts = _gae_opts(cfg)
-    separate = critic_kind(cfg) == "separate"
-    critic_ts = create_critic(sched_cfg, mesh, task, ts.params) if separate else None
-    state = RLState(train=ts, ref_params=ref_params,
-                    step=jax.device_put(jnp.zeros((), jnp.int32), shd.replicated(mesh)),
-                    kl_coef=jax.device_put(jnp.asarray(float(gae_opts["kl_coef"]), jnp.float32), shd.replicated(mesh)),
-                    critic=critic_ts)
+    loop = _RLLoop(cfg)
+    try:
+        return common.run_loop(cfg, workdir, state=loop.state, step_fn=loop.step, batches=_PromptIter(loop.prompts),
+                               eval_fn=loop.eval_fn, bar_keys=("reward", "kl", "kl_forward", "entropy", "loss"),
+                               desc=f"rl {cfg.objective.name}")
+    finally:
+        loop.pool.shutdown(wait=False)
 
-    exact = cfg.objective.get("kl_estimator", "") == "exact"
-    adv_kind = r.get("advantage", "objective")
-    step_fn_jit = state_lib.make_train_step(make_rl_loss(cfg, P, G), mesh, state_lib.state_sharding(ts),
-                                            schedule=common.schedule(sched_cfg))
-    critic_step_jit = None
-    if separate:
-        critic_step_jit = state_lib.make_train_step(make_critic_loss(cfg, P), mesh, state_lib.state_sharding(critic_ts),
-                                                    schedule=common.schedule(critic_config(sched_cfg)))
-    source = task.data_source("train", common.data_dir(cfg))
-    prompts = data_lib.make_loader(source, n_prompts, seed=int(cfg.seed))
-    # Evaluation KL is always to the initial (pretrained) model, also when the reference is reset.
-    ref_model_for_eval = nnx.merge(ts.graphdef, jax.tree.map(lambda x: x.copy(), ref_params), ts.model_state)
-    eval_fn = common.make_generation_eval(cfg, task, mesh, ref_model=ref_model_for_eval,
-                                          model_of=lambda s: s.train.model())
-    dynamic = bool(r.get("dynamic_sampling", False))
-    max_rounds = int(r.get("max_sampling_rounds", 4))
-    sample_kw = dict(temperature=float(r.get("temperature", 1.0)), top_k=int(r.get("top_k", 0)),
-                     top_p=float(r.get("top_p", 1.0)))
 
-    reward_stats: dict = {}
-    from kljax.train import reward_model
-    rm_dir = reward_model.model_reward_workdir(cfg)
-    rm_score = reward_model.load_reward_fn(rm_dir, mesh) if rm_dir else None  # task.reward = "model:<workdir>"
-    # Untempered, untruncated sampling draws from the policy itself: its log-probs are the old ones.
-    sampler_is_policy = (r.get("old_logp", "auto") == "sampler" or
-                         (r.get("old_logp", "auto") == "auto" and sample_kw == dict(temperature=1.0, top_k=0, top_p=1.0)))
-    replicated = shd.replicated(mesh)
-    # A minibatch is a gather from the global roll-out, placed straight onto the batch sharding (the same
-    # permutation on every process, no batch through one host).
-    select_rows = jax.jit(lambda tree, idx: jax.tree.map(lambda v: v[idx], tree),
-                          out_shardings=shd.batch_sharding(mesh))
+class _RLLoop:
+    """One RL run: what it builds once, and the named parts of a step (module docstring, 1-5)."""
 
-    # Rewards (possibly slow Python) are scored on a thread while the device computes the log-probs.
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kljax-reward")
+    def __init__(self, cfg: Any):
+        from kljax.train import reward_model
+        from kljax.train import setup as setup_lib
+        self.cfg, r = cfg, cfg.rl
+        self.r = r
+        self.G, self.n_prompts, self.mb = int(r.group_size), int(r.prompts_per_step), int(r.minibatch_size)
+        self.rows = self.n_prompts * self.G
+        self.sched_cfg = schedule_config(cfg)
+        # Params from init_from, else the model.hf_path checkpoint's (also the reference).
+        self.task, self.mesh, ts = setup_lib.setup(self.sched_cfg)
+        task, mesh = self.task, self.mesh
+        self.P = task.prompt_len
+        self.n_new = int(r.get("max_new_tokens", 0) or task.completion_len)
+        self.ref_layout = reference_layout(cfg, ts, mesh)
+        ref_params = self.ref_layout(ts.params)
+        self.teacher = None
+        if r.get("teacher_from", ""):
+            t, _ = common.load_state_from(r.teacher_from, mesh, rules=shd.layout_rules(cfg, "rl.teacher_sharding"))
+            self.teacher = (t.graphdef, t.params, t.model_state)
+        self.gae_opts = _gae_opts(cfg)
+        self.separate = critic_kind(cfg) == "separate"
+        critic_ts = create_critic(self.sched_cfg, mesh, task, ts.params) if self.separate else None
+        self.replicated = shd.replicated(mesh)
+        self.state = RLState(train=ts, ref_params=ref_params, step=jax.device_put(jnp.zeros((), jnp.int32), self.replicated),
+                             kl_coef=jax.device_put(jnp.asarray(float(self.gae_opts["kl_coef"]), jnp.float32),
+                                                    self.replicated),
+                             critic=critic_ts)
+        self.exact = cfg.objective.get("kl_estimator", "") == "exact"
+        self.adv_kind = r.get("advantage", "objective")
+        self.policy_step = state_lib.make_train_step(make_rl_loss(cfg, self.P, self.G), mesh,
+                                                     state_lib.state_sharding(ts),
+                                                     schedule=common.schedule(self.sched_cfg))
+        self.critic_step = None
+        if self.separate:
+            self.critic_step = state_lib.make_train_step(make_critic_loss(cfg, self.P), mesh,
+                                                         state_lib.state_sharding(critic_ts),
+                                                         schedule=common.schedule(critic_config(self.sched_cfg)))
+        self.prompts = data_lib.make_loader(task.data_source("train", common.data_dir(cfg)), self.n_prompts,
+                                            seed=int(cfg.seed))
+        # Evaluation KL is always to the initial (pretrained) model, also when the reference is reset.
+        ref_model_for_eval = nnx.merge(ts.graphdef, jax.tree.map(lambda x: x.copy(), ref_params), ts.model_state)
+        self.eval_fn = common.make_generation_eval(cfg, task, mesh, ref_model=ref_model_for_eval,
+                                                   model_of=lambda s: s.train.model())
+        self.dynamic = bool(r.get("dynamic_sampling", False))
+        self.max_rounds = int(r.get("max_sampling_rounds", 4))
+        self.sample_kw = dict(temperature=float(r.get("temperature", 1.0)), top_k=int(r.get("top_k", 0)),
+                              top_p=float(r.get("top_p", 1.0)))
+        self.reward_stats: dict = {}
+        rm_dir = reward_model.model_reward_workdir(cfg)
+        self.rm_score = reward_model.load_reward_fn(rm_dir, mesh) if rm_dir else None  # "model:<workdir>"
+        # Untempered, untruncated sampling draws from the policy itself: its log-probs are the old ones.
+        old = r.get("old_logp", "auto")
+        self.sampler_is_policy = old == "sampler" or (
+            old == "auto" and self.sample_kw == dict(temperature=1.0, top_k=0, top_p=1.0))
+        # A minibatch is a gather from the global roll-out, placed straight onto the batch sharding (the
+        # same permutation on every process, no batch through one host).
+        self.select_rows = jax.jit(lambda tree, idx: jax.tree.map(lambda v: v[idx], tree),
+                                   out_shardings=shd.batch_sharding(mesh))
+        # Rewards (possibly slow Python) are scored on a thread while the device computes the log-probs.
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kljax-reward")
 
-    def score(toks, mask, rep):
+    # -- 1-2. sample groups and score them ------------------------------------------------------
+
+    def _score(self, toks, mask, rep):
         t0 = time.perf_counter()
-        rewards = np.asarray(task.reward(toks, mask, rep), np.float32)
-        reward_stats["time/reward_s"] = reward_stats.get("time/reward_s", 0.0) + time.perf_counter() - t0
-        reward_stats.update({k: v for k, v in getattr(task, "last_reward_metrics", {}).items()
-                             if k.startswith("rewards/")})
+        rewards = np.asarray(self.task.reward(toks, mask, rep), np.float32)
+        self._add_time("time/reward_s", time.perf_counter() - t0)
+        self.reward_stats.update({k: v for k, v in getattr(self.task, "last_reward_metrics", {}).items()
+                                  if k.startswith("rewards/")})
         return rewards
 
-    def rollout(model, batch, key, overlap=False):
+    def _add_time(self, key, seconds):
+        self.reward_stats[key] = self.reward_stats.get(key, 0.0) + seconds
+
+    def _rollout(self, model, batch, key, overlap=False):
         """Sample this process's groups under the mesh, score its own rows on the host, and return
         global arrays (a group never straddles processes: its G copies are made here). `overlap`: the
-        rewards are a future of this process's rows (see `step_fn`)."""
-        rep = _repeat(batch, G)
+        rewards are a future of this process's rows (see `step`)."""
+        mesh = self.mesh
+        rep = _repeat(batch, self.G)
         dev = shd.shard_batch({"prompt": rep["prompt"], "prompt_valid": rep["prompt_valid"]}, mesh)
-        out = generate(model, dev["prompt"], dev["prompt_valid"], key, n_new, task.eos_id, pad_id=task.pad_id,
-                       **sample_kw)
-        if rm_score is not None:  # a reward model: scored on the device, batch-sharded
+        out = generate(model, dev["prompt"], dev["prompt_valid"], key, self.n_new, self.task.eos_id,
+                       pad_id=self.task.pad_id, **self.sample_kw)
+        ro = {"sequences": out.sequences, "prompt_valid": dev["prompt_valid"], "mask": out.mask,
+              "sampler_logp": out.logp}
+        if self.rm_score is not None:  # a reward model: scored on the device, batch-sharded
             t0 = time.perf_counter()
-            rewards = jax.block_until_ready(rm_score(dev["prompt"], dev["prompt_valid"], out.tokens, out.mask))
-            reward_stats["time/reward_s"] = reward_stats.get("time/reward_s", 0.0) + time.perf_counter() - t0
-            return {"sequences": out.sequences, "prompt_valid": dev["prompt_valid"], "mask": out.mask,
-                    "sampler_logp": out.logp, "rewards": rewards}
+            ro["rewards"] = jax.block_until_ready(self.rm_score(dev["prompt"], dev["prompt_valid"], out.tokens,
+                                                                out.mask))
+            self._add_time("time/reward_s", time.perf_counter() - t0)
+            return ro
         toks, mask = shd.local_rows(out.tokens, mesh), shd.local_rows(out.mask, mesh)
-        rewards = (pool.submit(score, toks, mask, rep) if overlap else
-                   shd.shard_batch({"r": score(toks, mask, rep)}, mesh)["r"])
-        return {"sequences": out.sequences, "prompt_valid": dev["prompt_valid"], "mask": out.mask,
-                "sampler_logp": out.logp, "rewards": rewards}
+        ro["rewards"] = (self.pool.submit(self._score, toks, mask, rep) if overlap else
+                         shd.shard_batch({"r": self._score(toks, mask, rep)}, mesh)["r"])
+        return ro
 
-    def collect(model, key):
+    def sample_groups(self, model, key):
         """A full roll-out batch of `n_prompts` groups (DAPO: only groups with reward variance)."""
-        first = rollout(model, next(prompts), jax.random.fold_in(key, 0), overlap=not dynamic)
-        if not dynamic:
+        first = self._rollout(model, next(self.prompts), jax.random.fold_in(key, 0), overlap=not self.dynamic)
+        if not self.dynamic:
             return first, {}
         # DAPO's group filtering runs on host arrays (validation keeps it to one process).
-        host = lambda ro: {k: np.asarray(v) for k, v in ro.items()}
-        more = (host(rollout(model, next(prompts), jax.random.fold_in(key, i))) for i in range(1, max_rounds))
-        batch, stats = fill_groups(host(first), more, n_prompts, G)
-        return shd.shard_batch(batch, mesh), stats
+        host = lambda ro: {k: np.asarray(v) for k, v in ro.items()}  # noqa: E731
+        more = (host(self._rollout(model, next(self.prompts), jax.random.fold_in(key, i)))
+                for i in range(1, self.max_rounds))
+        batch, stats = fill_groups(host(first), more, self.n_prompts, self.G)
+        return shd.shard_batch(batch, self.mesh), stats
 
-    def step_fn(st: RLState, _):
-        train, critic = st.train, st.critic
-        step = int(jax.device_get(st.step))
-        key = jax.random.fold_in(train.rng, 1_000_003 + step)  # differs from the update keys fold_in(rng, t)
-        model = train.model()
-        reward_stats.clear()
+    def await_rewards(self, rewards, step):
+        """The global reward array (waiting for the scoring thread when it overlapped the passes)."""
+        if not isinstance(rewards, concurrent.futures.Future):
+            return rewards
+        t0 = time.perf_counter()
         try:
-            ro, ds_stats = collect(model, key)
-        except RewardError as e:  # names the function and the prompt; add the step
+            rewards = shd.shard_batch({"r": rewards.result()}, self.mesh)["r"]
+        except RewardError as e:
             raise e.at_step(step + 1) from e
+        self.reward_stats["time/reward_wait_s"] = time.perf_counter() - t0
+        return rewards
+
+    # -- 3. old, reference and teacher log-probs ------------------------------------------------
+
+    def forward_passes(self, st: RLState, ro: dict) -> dict:
+        """The update batch of the whole roll-out: sequences, masks and the log-probs the loss needs."""
+        train, P, mb = st.train, self.P, self.mb
         seq, mask = ro["sequences"], ro["mask"]
         valid = jnp.concatenate([ro["prompt_valid"], mask.astype(ro["prompt_valid"].dtype)], axis=1)
-        if sampler_is_policy:  # the sampler's log-probs are the policy's: no second forward pass
+        if self.sampler_is_policy:  # the sampler's log-probs are the policy's: no second forward pass
             old_logp = ro["sampler_logp"]
         else:
             old_logp, _ = _model_logp(train.graphdef, train.params, train.model_state, seq, valid, P, False, mb)
-        ref_logp, ref_logits = _model_logp(train.graphdef, st.ref_params, train.model_state, seq, valid, P, exact,
-                                           mb)
+        ref_logp, ref_logits = _model_logp(train.graphdef, st.ref_params, train.model_state, seq, valid, P,
+                                           self.exact, mb)
         full = {"sequences": seq, "valid": valid, "mask": mask.astype(jnp.float32), "old_logp": old_logp,
                 "ref_logp": ref_logp}
-        if exact:
+        if self.exact:
             full["ref_logits"] = ref_logits
-        if teacher is not None:
-            full["teacher_logp"], _ = _model_logp(teacher[0], teacher[1], teacher[2], seq, valid, P, False, mb)
-        rw = ro["rewards"]
-        if isinstance(rw, concurrent.futures.Future):  # scored while the passes above run on the device
-            t0 = time.perf_counter()
-            try:
-                rw = shd.shard_batch({"r": rw.result()}, mesh)["r"]
-            except RewardError as e:
-                raise e.at_step(step + 1) from e
-            reward_stats["time/reward_wait_s"] = time.perf_counter() - t0
-        full["rewards"] = rw
-        kl_coef = st.kl_coef
-        gae_stats = {}
-        if adv_kind == "gae":  # PPO with a critic: per-token KL reward, GAE, critic targets
-            vs = critic if separate else train
-            old_values = _old_values(vs.graphdef, vs.params, vs.model_state, seq, valid, P)
-            a, ret, seq_kl = _gae_batch(rw, old_logp, ref_logp, old_values, mask, kl_coef,
-                                        float(gae_opts["gamma"]), float(gae_opts["lam"]),
-                                        bool(gae_opts["whiten_advantages"]))
+        if self.teacher is not None:
+            t = self.teacher
+            full["teacher_logp"], _ = _model_logp(t[0], t[1], t[2], seq, valid, P, False, mb)
+        return full
+
+    # -- 4a. advantages -------------------------------------------------------------------------
+
+    def advantages(self, st: RLState, full: dict) -> tuple[Any, dict]:
+        """Adds `advantages` (and PPO's critic targets) to `full`; returns (next KL coefficient, stats).
+
+        Every process computes the same values from the global arrays."""
+        rw, kind = full["rewards"], self.adv_kind
+        if kind == "gae":  # PPO with a critic: per-token KL reward, GAE, critic targets
+            g = self.gae_opts
+            vs = st.critic if self.separate else st.train
+            old_values = _old_values(vs.graphdef, vs.params, vs.model_state, full["sequences"], full["valid"], self.P)
+            a, ret, seq_kl = _gae_batch(rw, full["old_logp"], full["ref_logp"], old_values, full["mask"],
+                                        st.kl_coef, float(g["gamma"]), float(g["lam"]), bool(g["whiten_advantages"]))
             full.update(advantages=a.astype(jnp.float32), old_values=old_values, returns=ret)
-            gae_stats = {"objective/kl": float(seq_kl), "kl_coef": float(kl_coef)}
-            if float(gae_opts["kl_target"]) > 0:  # Ziegler et al.'s adaptive controller, n_steps = roll-out rows
-                kl_coef = adv_lib.adaptive_kl_beta(kl_coef, seq_kl, float(gae_opts["kl_target"]),
-                                                   float(gae_opts["kl_horizon"]), rows)
-        elif adv_kind != "objective":  # every process computes the same advantages from the global rewards
+            stats = {"objective/kl": float(seq_kl), "kl_coef": float(st.kl_coef)}
+            kl_coef = st.kl_coef
+            if float(g["kl_target"]) > 0:  # Ziegler et al.'s adaptive controller, n_steps = roll-out rows
+                kl_coef = adv_lib.adaptive_kl_beta(kl_coef, seq_kl, float(g["kl_target"]), float(g["kl_horizon"]),
+                                                   self.rows)
+            return kl_coef, stats
+        if kind != "objective":
+            G = self.G
             a = {"group_mean_std": lambda: adv_lib.group_normalized(rw, G),
                  "group_mean": lambda: adv_lib.group_mean(rw, G),
-                 "leave_one_out": lambda: adv_lib.leave_one_out(rw, G)}.get(adv_kind,
-                                                                            lambda: adv_lib.batch_normalized(rw))()
+                 "leave_one_out": lambda: adv_lib.leave_one_out(rw, G)}.get(kind, lambda: adv_lib.batch_normalized(rw))()
             full["advantages"] = a.astype(jnp.float32)
-        # Minibatches of whole groups, reshuffled each epoch (deterministic given the step).
-        rng = np.random.default_rng([int(cfg.seed), step])
-        n_groups = rows // G
+        return st.kl_coef, {}
+
+    # -- 4b. minibatch epochs -------------------------------------------------------------------
+
+    def minibatch_epochs(self, train, critic, full: dict, step: int):
+        """`rl.updates_per_rollout` epochs over minibatches of whole groups, reshuffled each epoch (the
+        same permutation on every process, from the step); returns (train, critic, mean metrics)."""
+        G = self.G
+        rng = np.random.default_rng([int(self.cfg.seed), step])
+        n_groups = self.rows // G
         sums: dict = {}
         n = 0
-        for _ in range(int(r.updates_per_rollout)):
+        for _ in range(int(self.r.updates_per_rollout)):
             order = rng.permutation(n_groups)
-            for lo in range(0, n_groups, mb // G):
-                idx = (order[lo:lo + mb // G][:, None] * G + np.arange(G)[None]).reshape(-1)
-                mbatch = select_rows(full, jax.device_put(idx, replicated))
-                train, m = step_fn_jit(train, mbatch)
-                if separate:  # the critic's own update on the same minibatch
-                    critic, cm = critic_step_jit(critic, mbatch)
+            for lo in range(0, n_groups, self.mb // G):
+                idx = (order[lo:lo + self.mb // G][:, None] * G + np.arange(G)[None]).reshape(-1)
+                mbatch = self.select_rows(full, jax.device_put(idx, self.replicated))
+                train, m = self.policy_step(train, mbatch)
+                if self.separate:  # the critic's own update on the same minibatch
+                    critic, cm = self.critic_step(critic, mbatch)
                     m = dict(m)
                     m.update({(k if k.startswith("value") else f"critic/{k}"): v for k, v in cm.items()})
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n += 1
         out = {k: v / n for k, v in sums.items()}
-        out.update({k: float(v) for k, v in adv_lib.reward_metrics(rw, G).items()})
-        out["completions/mean_length"] = float(mask.sum(-1).mean())
         out["num_updates"] = float(n)
-        out.update(ds_stats)
-        out.update(reward_stats)
-        out.update(gae_stats)
-        new_ref = st.ref_params
-        if r.get("reference", "fixed") == "reset" and (step + 1) % int(r.reset_every) == 0:
-            new_ref = ref_layout(train.params)
-            out["reference_reset"] = 1.0
-        return RLState(train=train, ref_params=new_ref, step=st.step + 1, kl_coef=kl_coef, critic=critic), out
+        return train, critic, out
 
-    try:
-        return common.run_loop(cfg, workdir, state=state, step_fn=step_fn, batches=_PromptIter(prompts),
-                               eval_fn=eval_fn,
-                               bar_keys=("reward", "kl", "kl_forward", "entropy", "loss"),
-                               desc=f"rl {cfg.objective.name}")
-    finally:
-        pool.shutdown(wait=False)
+    # -- 5. reference ---------------------------------------------------------------------------
+
+    def next_reference(self, st: RLState, train, step: int):
+        """The reference after this step: reset to the policy every `rl.reset_every` roll-outs."""
+        if self.r.get("reference", "fixed") == "reset" and (step + 1) % int(self.r.reset_every) == 0:
+            return self.ref_layout(train.params), {"reference_reset": 1.0}
+        return st.ref_params, {}
+
+    # -- one roll-out ---------------------------------------------------------------------------
+
+    def step(self, st: RLState, _):
+        step = int(jax.device_get(st.step))
+        key = jax.random.fold_in(st.train.rng, 1_000_003 + step)  # differs from the update keys fold_in(rng, t)
+        self.reward_stats.clear()
+        try:
+            ro, ds_stats = self.sample_groups(st.train.model(), key)
+        except RewardError as e:  # names the function and the prompt; add the step
+            raise e.at_step(step + 1) from e
+        full = self.forward_passes(st, ro)  # on the device while the rewards are scored on the host
+        full["rewards"] = self.await_rewards(ro["rewards"], step)
+        kl_coef, adv_stats = self.advantages(st, full)
+        train, critic, out = self.minibatch_epochs(st.train, st.critic, full, step)
+        ref_params, ref_stats = self.next_reference(st, train, step)
+        out.update({k: float(v) for k, v in adv_lib.reward_metrics(full["rewards"], self.G).items()})
+        out["completions/mean_length"] = float(ro["mask"].sum(-1).mean())
+        for extra in (ds_stats, self.reward_stats, adv_stats, ref_stats):
+            out.update(extra)
+        return RLState(train=train, ref_params=ref_params, step=st.step + 1, kl_coef=kl_coef, critic=critic), out
 
 
 class _PromptIter:

@@ -131,19 +131,14 @@ class Setup(NamedTuple):
     state: state_lib.TrainState
 
 
-def setup(cfg: Any, *, updates_per_step: int = 1) -> Setup:
+def setup(cfg: Any) -> Setup:
     """The task, the mesh and the policy's sharded train state of a loop.
 
     The params come from `cfg.init_from` (a finished run) when set, else from `cfg.model.hf_path` or a
-    fresh initialization. `updates_per_step`: optimizer updates per loop step, so that a schedule
-    without its own `optim.total_steps` spans the whole run (RL takes several updates per roll-out).
+    fresh initialization. (RL passes a config whose schedule counts its several updates per roll-out.)
     """
     from kljax.train import runs  # runs builds restore targets with create_state
     task, mesh = build_task(cfg), build_mesh(cfg)
-    if updates_per_step != 1 and "total_steps" not in cfg.optim:
-        cfg = cfg.copy_and_resolve_references()
-        with cfg.unlocked():
-            cfg.optim.total_steps = int(cfg.total_steps) * int(updates_per_step)
     state = create_state(cfg, mesh, task)
     if cfg.get("init_from", ""):
         runs.check_run_exists(cfg.init_from, "init_from")
