@@ -105,10 +105,23 @@ def make_dataset(
     if num_epochs is not None and drop_remainder:
         # cut to whole global batches first, so no process gets a batch the others lack
         ds = ds[: (len(ds) // batch_size) * batch_size]
+    # Global batches of indices first, then this process's contiguous slice of each: the processes'
+    # slices, concatenated in process order (as `shard_batch` places them), are the one-process batch,
+    # so a run gives the same numbers on any number of processes.
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if shard_count > 1:
-        ds = ds[shard_index::shard_count]
-    ds = ds.batch(batch_size // shard_count, drop_remainder=drop_remainder)
+        ds = ds.map(_ProcessSlice(shard_index, shard_count))
     return ds.map(_BatchReader(source))
+
+
+class _ProcessSlice:
+    """Process `index`'s contiguous share of a batch of record indices (`np.array_split` order)."""
+
+    def __init__(self, index: int, count: int):
+        self.index, self.count = int(index), int(count)
+
+    def __call__(self, indices: np.ndarray) -> np.ndarray:
+        return np.array_split(np.asarray(indices), self.count)[self.index]
 
 
 class _BatchReader:

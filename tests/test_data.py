@@ -58,6 +58,9 @@ def test_sharding_disjoint_covering_and_equal_to_global_batch(shard_count):
         together = np.concatenate(parts)
         assert len(set(together.tolist())) == 8  # disjoint
         assert sorted(together.tolist()) == sorted(gb.tolist())  # covering the global batch
+        # in order: process slices concatenated in process order are the one-process batch (same numbers
+        # on any number of processes)
+        assert together.tolist() == gb.tolist()
 
 
 def test_uneven_data_gives_every_process_the_same_number_of_batches():

@@ -230,12 +230,12 @@ def test_a_single_process_loop_is_refused_on_several_processes(monkeypatch):
     from kljax.config import ConfigError
     from kljax.train import common
 
-    cfg = common.load_config_file(os.path.join(REPO, "experiments", "star_graph_qsharp.py") + ":qsharp,smoke")
-    cfg.init_from = str(REPO)  # any path: paths are not checked here
-    common.validate(cfg, check_paths=False)  # valid in one process
+    from kljax.config import base_config
+
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    with pytest.raises(ConfigError, match=r"`loop` = 'qsharp' runs in one process only.*2 processes.*--host_devices"):
-        common.validate(cfg, check_paths=False)
+    with pytest.raises(ConfigError, match=r"`loop` = 'reward_model' runs in one process only.*2 processes.*"
+                                          r"--host_devices"):
+        common.validate(base_config("reward_model"), check_paths=False)
     replay = common.load_config_file(os.path.join(REPO, "experiments", "distill.py") + ":fkl,adaptive,smoke")
     with pytest.raises(ConfigError, match=r"`distill.data` = 'adaptive'.*one process only"):
         common.validate(replay, check_paths=False)
@@ -243,9 +243,10 @@ def test_a_single_process_loop_is_refused_on_several_processes(monkeypatch):
     dapo.init_from = str(REPO)  # any path: paths are not checked here
     with pytest.raises(ConfigError, match=r"`rl.dynamic_sampling` = True runs in one process only"):
         common.validate(dapo, check_paths=False)
-    for spec in ("arithmetic.py:pretrain,smoke", "arithmetic.py:grpo,smoke", "distill.py:fkl,onpolicy,smoke"):
-        ok = common.load_config_file(os.path.join(REPO, "experiments", spec))  # SFT, RL, GKD: several processes
-        ok.init_from = str(REPO) if ok.loop == "rl" else ok.init_from
+    for spec in ("arithmetic.py:pretrain,smoke", "arithmetic.py:grpo,smoke", "distill.py:fkl,onpolicy,smoke",
+                 "star_graph_qsharp.py:qsharp,smoke", "star_graph_qsharp.py:dpo,smoke"):
+        ok = common.load_config_file(os.path.join(REPO, "experiments", spec))  # SFT, RL, GKD, Q♯, DPO: several
+        ok.init_from = str(REPO) if ok.loop in ("rl", "qsharp", "preference") else ok.init_from
         common.validate(ok, check_paths=False)
 
 

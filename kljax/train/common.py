@@ -141,7 +141,7 @@ def loop_module(cfg: Any):
 
 
 # Loops that run as the same program on every process (a pipeline's stages are checked one by one).
-MULTI_PROCESS_LOOPS = frozenset({"sft", "rl", "distill", "pipeline"})
+MULTI_PROCESS_LOOPS = frozenset({"sft", "rl", "distill", "qsharp", "preference", "pipeline"})
 
 
 def check_process_count(cfg: Any) -> None:

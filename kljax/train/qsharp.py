@@ -114,26 +114,38 @@ def make_processor(critic, eta, switch_at, *, guidance="qsharp", kind="bernoulli
 # ----------------------------------------------------------------------------------------------
 
 def collect_round(ref_model, critic, task, records: dict, key, *, eta, kind, atoms=None, top_k=0,
-                  temperature=1.0, guided: bool = True, top_k_rest="mask") -> dict:
+                  temperature=1.0, guided: bool = True, top_k_rest="mask", mesh=None) -> dict:
     """Roll in with the guided policy for h ~ Unif{0..N−1} tokens, roll out with π_ref, label.
 
     Returns numpy arrays: `tokens`, `valid`, `positions` [B, P+N] (prompt + completion), `mask`
     [B, P+N] (1 where position t predicts a completion token at index ≥ h), `returns` [B] (the
     task reward of the completion), `switch` [B] (h). With `guided=False` (round 1) the whole
     completion comes from π_ref.
+
+    With `mesh`, `records` are this process's rows of the round's global batch and the result is
+    global arrays sharded over the batch axes: sampling runs under the mesh, each process scores its
+    own rows, and h is drawn for the global batch (the same data on any mesh or process count).
     """
     prompts, pv = records["prompt"], records["prompt_valid"]
     b, p = prompts.shape
     n = task.completion_len
     k_switch, k_gen = jax.random.split(key)
-    switch = np.asarray(jax.random.randint(k_switch, (b,), 0, n), np.int32)
+    if mesh is None:
+        switch = np.asarray(jax.random.randint(k_switch, (b,), 0, n), np.int32)
+        dev, switch_arg, local = {"prompt": prompts, "prompt_valid": pv}, switch, np.asarray
+    else:
+        dev = sharding.shard_batch({"prompt": prompts, "prompt_valid": pv}, mesh)
+        rows = dev["prompt"].shape[0]
+        switch = np.asarray(jax.random.randint(k_switch, (rows,), 0, n), np.int32)[sharding.process_rows(mesh, rows)]
+        switch_arg = sharding.shard_batch({"s": switch}, mesh)["s"]
+        local = functools.partial(sharding.local_rows, mesh=mesh)
     proc = None
     if guided and critic is not None:
-        proc = make_processor(critic, eta, switch, guidance="qsharp", kind=kind, atoms=atoms, top_k=top_k,
+        proc = make_processor(critic, eta, switch_arg, guidance="qsharp", kind=kind, atoms=atoms, top_k=top_k,
                               top_k_rest=top_k_rest)
-    out = generate(ref_model, prompts, pv, k_gen, n, task.eos_id, temperature=temperature, logits_processor=proc,
-                   pad_id=task.pad_id)
-    toks, cmask = np.asarray(out.tokens), np.asarray(out.mask)
+    out = generate(ref_model, dev["prompt"], dev["prompt_valid"], k_gen, n, task.eos_id, temperature=temperature,
+                   logits_processor=proc, pad_id=task.pad_id)
+    toks, cmask = local(out.tokens), local(out.mask)
     returns = np.asarray(task.reward(toks, cmask, records), np.float32)
     batch = sequence_batch(prompts, pv, toks, cmask)
     j = np.arange(p + n) + 1 - p  # completion index predicted at position t
@@ -141,7 +153,7 @@ def collect_round(ref_model, critic, task, records: dict, key, *, eta, kind, ato
     batch["mask"] = batch.pop("loss_mask") * after
     batch["returns"] = returns
     batch["switch"] = switch
-    return batch
+    return batch if mesh is None else sharding.shard_batch(batch, mesh)
 
 
 def critic_loss(model, batch, rng, *, objective, hparams):
@@ -173,7 +185,10 @@ def evaluate_guided(ref_model, critic, task, records: dict, key, *, etas, kind, 
                     temperature=1.0, guidances=("qsharp", "cd"), batch_size=128, mesh=None,
                     top_k_rest="mask") -> dict:
     """pass@1 accuracy, reward, KL(π^η‖π_ref) per token and per sequence for each guidance and η,
-    plus the reference (`eval/ref/...`). Names: `eval/<guidance>/eta=<η>/<metric>`."""
+    plus the reference (`eval/ref/...`). Names: `eval/<guidance>/eta=<η>/<metric>`.
+
+    With `mesh`, every process samples and scores only its rows of each batch (padded to a multiple
+    of the data-parallel size) and the sums are taken over the global per-row statistics."""
     n = task.completion_len
     p = records["prompt"].shape[1]
     atoms_arr = jnp.zeros((1,), jnp.float32) if atoms is None else jnp.asarray(atoms, jnp.float32)
@@ -182,28 +197,46 @@ def evaluate_guided(ref_model, critic, task, records: dict, key, *, etas, kind, 
     settings = [("reference", None)] + [(g, float(e)) for g in guidances for e in etas]
     out: dict[str, float] = {}
     total = len(records["prompt"])
+    dp = 1 if mesh is None else sharding.data_parallel_size(mesh)
     for guidance, eta in settings:
-        acc = rew = kl_sum = ntok = 0.0
+        sums = np.zeros(4)  # accuracy, reward, KL over tokens, tokens
         for lo in range(0, total, batch_size):
-            rows = {k: v[lo:lo + batch_size] for k, v in records.items()}
+            hi = min(lo + batch_size, total)
+            if mesh is None:
+                mine = np.arange(hi - lo)
+            else:
+                mine = sharding.process_rows(mesh, -(-(hi - lo) // dp) * dp)
+            rows = {k: v[np.minimum(lo + mine, hi - 1)] for k, v in records.items()}
+            real = (lo + mine < hi).astype(np.float64)
             b = len(rows["prompt"])
             never = np.full((b,), n, np.int32)  # guide every step
-            proc = make_processor(critic, 1.0 if eta is None else eta, never, guidance=guidance, kind=kind,
+            if mesh is None:
+                dev = {"prompt": rows["prompt"], "prompt_valid": rows["prompt_valid"], "never": never}
+                local = np.asarray
+            else:
+                dev = sharding.shard_batch({"prompt": rows["prompt"], "prompt_valid": rows["prompt_valid"],
+                                            "never": never}, mesh)
+                local = functools.partial(sharding.local_rows, mesh=mesh)
+            proc = make_processor(critic, 1.0 if eta is None else eta, dev["never"], guidance=guidance, kind=kind,
                                   atoms=atoms, top_k=top_k, top_k_rest=top_k_rest)
-            o = generate(ref_model, rows["prompt"], rows["prompt_valid"], jax.random.fold_in(key, lo), n,
+            o = generate(ref_model, dev["prompt"], dev["prompt_valid"], jax.random.fold_in(key, lo), n,
                          task.eos_id, temperature=temperature, logits_processor=proc, pad_id=task.pad_id)
-            toks, m = np.asarray(o.tokens), np.asarray(o.mask)
+            toks, m = local(o.tokens), local(o.mask)
             ok = task_base.exact_match(toks, m, rows["target"], rows["target_valid"], task.eos_id)
-            acc += float(ok.sum())
-            rew += float(np.asarray(task.reward(toks, m, rows)).sum())
-            valid = np.concatenate([rows["prompt_valid"], m], axis=1).astype(np.int32)
-            kl = np.asarray(_guided_kl(ref_state, critic_state, np.asarray(o.sequences), valid,
-                                       jnp.float32(1.0 if eta is None else eta), atoms_arr, guidance=guidance,
-                                       kind=kind, top_k=int(top_k), prompt_len=p, ref_def=ref_def,
-                                       critic_def=critic_def, top_k_rest=top_k_rest))
+            rew = np.asarray(task.reward(toks, m, rows), np.float64)
+            valid = jnp.concatenate([jnp.asarray(dev["prompt_valid"]), o.mask.astype(jnp.int32)], axis=1)
+            kl = local(_guided_kl(ref_state, critic_state, o.sequences, valid.astype(jnp.int32),
+                                  jnp.float32(1.0 if eta is None else eta), atoms_arr, guidance=guidance,
+                                  kind=kind, top_k=int(top_k), prompt_len=p, ref_def=ref_def,
+                                  critic_def=critic_def, top_k_rest=top_k_rest))
             kl = np.where(m > 0, kl, 0.0)
-            kl_sum += float(kl.sum())
-            ntok += float(m.sum())
+            per_row = np.stack([ok * real, rew * real, kl.sum(-1) * real, m.sum(-1) * real], axis=-1)
+            if mesh is None:
+                sums += per_row.sum(0)
+            else:  # the totals of the global batch, the same on every process
+                g = sharding.shard_batch({"s": per_row.astype(np.float32)}, mesh)["s"]
+                sums += sharding.replicate_small(jnp.sum(g, axis=0), mesh)
+        acc, rew, kl_sum, ntok = (float(x) for x in sums)
         name = "eval/ref" if guidance == "reference" else f"eval/{guidance}/eta={eta:g}"
         out[f"{name}/accuracy"] = acc / total
         out[f"{name}/reward"] = rew / total
@@ -240,16 +273,21 @@ def validate(cfg, check_paths: bool = True) -> None:
     if name == "qsharp_bce" and atoms != 1:
         raise ConfigError(f"config field `model.num_atoms` = {atoms} is invalid: qsharp_bce is the Bernoulli critic "
                           "(one logit per token); use num_atoms=1 or objective qsharp_histogram.")
-    require(cfg, "init_from", lambda v: isinstance(v, str) and (v != "" or not check_paths),
-            "Q♯ needs the reference policy π_ref: set init_from to the workdir of a pretrained LM "
-            "(e.g. runs/star_pretrain).")
-    if check_paths:
-        common.check_run_exists(cfg.init_from, "init_from")
+    if not common.hf_path(cfg):  # else the model.hf_path checkpoint is π_ref (and the critic's trunk)
+        require(cfg, "init_from", lambda v: isinstance(v, str) and (v != "" or not check_paths),
+                "Q♯ needs the reference policy π_ref: set init_from to the workdir of a pretrained LM "
+                "(e.g. runs/star_pretrain), or model.hf_path to a Hugging Face folder.")
+        if check_paths:
+            common.check_run_exists(cfg.init_from, "init_from")
     q = require(cfg, "qsharp", lambda v: v is not None, "add a `qsharp` ConfigDict.")
     require(q, "rounds", lambda v: int(v) >= 1, "use at least one round.", prefix="qsharp")
     require(q, "critic_steps", lambda v: int(v) >= 1, "use at least one critic step per round.", prefix="qsharp")
     require(q, "rollouts_per_round", lambda v: int(v) >= 1, "collect at least one roll-out per round.",
             prefix="qsharp")
+    dp = sharding.data_parallel_size(common.build_mesh(cfg))
+    require(q, "rollouts_per_round", lambda v: int(v) % dp == 0 and int(v) % jax.process_count() == 0,
+            f"a round is one global batch split over the data-parallel size {dp} and {jax.process_count()} "
+            f"process(es): use a multiple of {int(np.lcm(dp, jax.process_count()))}.", prefix="qsharp")
     require(q, "etas", lambda v: len(v) >= 1 and all(float(e) > 0 for e in v), "list positive η values.",
             prefix="qsharp")
     if float(q.get("report_eta", q.get("rollin_eta", q.etas[0]))) not in [float(e) for e in q.etas]:
@@ -282,35 +320,68 @@ def merge_params(ts, src_params):
 
 
 class RoundData:
-    """Aggregated, labelled roll-outs of all rounds so far (saved per round in `workdir/qsharp_data`)."""
+    """Aggregated, labelled roll-outs of all rounds so far (saved per round in `workdir/qsharp_data`).
 
-    def __init__(self, workdir: str):
+    With a mesh, each round is global arrays sharded over the batch axes, and each process saves and
+    reloads only its own rows (`round_<k>.process<i>of<n>.npz`): one global dataset, held in shares."""
+
+    def __init__(self, workdir: str, mesh=None):
         self.dir = os.path.join(workdir, "qsharp_data")
+        self.mesh = mesh
         self.rounds: list[dict] = []
+        self._all = None
 
     def path(self, k: int) -> str:
-        return os.path.join(self.dir, f"round_{k}.npz")
+        n = jax.process_count()
+        name = f"round_{k}.npz" if n == 1 else f"round_{k}.process{jax.process_index()}of{n}.npz"
+        return os.path.join(self.dir, name)
+
+    def saved(self) -> int:
+        """Rounds this process has on disk."""
+        k = 0
+        while os.path.exists(self.path(k)):
+            k += 1
+        return k
 
     def load_existing(self, upto: int) -> None:
         while len(self.rounds) < upto and os.path.exists(self.path(len(self.rounds))):
             with np.load(self.path(len(self.rounds))) as z:
-                self.rounds.append({k: z[k] for k in z.files})
+                rows = {k: z[k] for k in z.files}
+            self.rounds.append(rows if self.mesh is None else sharding.shard_batch(rows, self.mesh))
+            self._all = None
 
     def add(self, k: int, data: dict) -> None:
-        if jax.process_index() == 0:
+        if self.mesh is not None or jax.process_index() == 0:
+            local = data if self.mesh is None else {n: sharding.local_rows(v, self.mesh) for n, v in data.items()}
             os.makedirs(self.dir, exist_ok=True)
             tmp = self.path(k) + ".tmp.npz"
-            np.savez(tmp, **data)
+            np.savez(tmp, **local)
             os.replace(tmp, self.path(k))
         self.rounds.append(data)
+        self._all = None
 
     def all(self) -> dict:
-        return {k: np.concatenate([r[k] for r in self.rounds]) for k in self.rounds[0]}
+        if self._all is None:
+            if self.mesh is None:
+                self._all = {k: np.concatenate([r[k] for r in self.rounds]) for k in self.rounds[0]}
+            else:
+                concat = jax.jit(lambda rs: {k: jnp.concatenate([r[k] for r in rs]) for k in rs[0]},
+                                 out_shardings=sharding.batch_sharding(self.mesh))
+                self._all = concat(self.rounds)
+        return self._all
+
+
+def reference_config(cfg):
+    """`cfg` for π_ref when it is the `model.hf_path` checkpoint: the critic's model without its value head."""
+    c = cfg.copy_and_resolve_references()
+    with c.unlocked():
+        c.model.value_head, c.model.num_atoms = "none", 1
+    return c
 
 
 def run(cfg, workdir: str):
     """Run Q♯ rounds (and evaluate Q♯ and CD guidance at every η) in `workdir`; returns the final eval."""
-    from kljax.data import make_loader, read_all
+    from kljax.data import make_loader
     from kljax.train import common
     validate(cfg)
     q = cfg.qsharp
@@ -322,7 +393,8 @@ def run(cfg, workdir: str):
         hparams["atoms"] = jnp.asarray(atoms)
     task = common.build_task(cfg)
     mesh = common.build_mesh(cfg)
-    ref_ts, _ = common.load_state_from(cfg.init_from, mesh)
+    ref_ts = (common.load_state_from(cfg.init_from, mesh)[0] if cfg.get("init_from", "") else
+              common.create_state(reference_config(cfg), mesh, task))  # model.hf_path's checkpoint
     ref_model = ref_ts.model()
     ts = common.create_state(cfg, mesh, task)
     if q.get("critic_init", "reference") == "reference":
@@ -330,7 +402,7 @@ def run(cfg, workdir: str):
     train_step = common.make_step(functools.partial(critic_loss, objective=objective, hparams=hparams), cfg, mesh, ts)
     loader = make_loader(task.data_source("train", common.data_dir(cfg)), int(q.rollouts_per_round),
                          seed=int(cfg.seed))
-    data = RoundData(os.path.abspath(workdir))
+    data = RoundData(os.path.abspath(workdir), mesh)
     steps_per_round = int(q.critic_steps)
     key = jax.random.PRNGKey(int(cfg.seed) + 3)
     top_k = int(q.get("top_k", 0))
@@ -338,6 +410,8 @@ def run(cfg, workdir: str):
     temperature = float(q.get("temperature", 1.0))
     rollin_eta = float(q.get("rollin_eta", q.etas[0]))
     stats: dict = {}
+    select_rows = jax.jit(lambda tree, idx: jax.tree.map(lambda v: v[idx], tree),
+                          out_shardings=sharding.batch_sharding(mesh))
 
     def step_fn(ts, _):
         step = int(jax.device_get(ts.step))
@@ -349,18 +423,20 @@ def run(cfg, workdir: str):
             rows = next(loader)
             batch = collect_round(ref_model, ts.model(), task, rows, jax.random.fold_in(key, k), eta=rollin_eta,
                                   kind=kind, atoms=atoms, top_k=top_k, temperature=temperature, guided=k > 0,
-                                  top_k_rest=top_k_rest)
+                                  top_k_rest=top_k_rest, mesh=mesh)
             data.add(k, batch)
-            stats["rollout_reward"] = float(batch["returns"].mean())
+            stats["rollout_reward"] = float(jnp.mean(batch["returns"]))
         agg = data.all()
-        n = len(agg["returns"])
+        n = int(agg["returns"].shape[0])
         idx = np.asarray(jax.random.choice(jax.random.fold_in(key, 10_000 + step), n, (int(cfg.batch_size),),
                                            replace=n < int(cfg.batch_size)))
-        mb = {k2: agg[k2][idx] for k2 in ("tokens", "valid", "positions", "mask", "returns")}
-        ts, m = train_step(ts, sharding.shard_batch(mb, mesh))
+        # A gather from the global data onto the batch sharding (the same indices on every process).
+        mb = select_rows({k2: agg[k2] for k2 in ("tokens", "valid", "positions", "mask", "returns")},
+                         jax.device_put(idx, sharding.replicated(mesh)))
+        ts, m = train_step(ts, mb)
         m = dict(m)
         m.update({"qsharp/round": float(k + 1), "qsharp/data_size": float(n),
-                  "qsharp/rollout_reward": stats.get("rollout_reward", float(data.rounds[k]["returns"].mean()))})
+                  "qsharp/rollout_reward": stats.get("rollout_reward", float(jnp.mean(data.rounds[k]["returns"])))})
         return ts, m
 
     records = common.test_records(cfg, task)
@@ -372,7 +448,8 @@ def run(cfg, workdir: str):
     def eval_fn(ts):
         out = evaluate_guided(ref_model, ts.model(), task, records, eval_key, etas=tuple(q.etas), kind=kind,
                               atoms=atoms, top_k=top_k, top_k_rest=top_k_rest, temperature=temperature,
-                              guidances=guidances, batch_size=int(cfg.eval.get("batch_size", 128)))
+                              guidances=guidances, batch_size=int(cfg.eval.get("batch_size", 128)),
+                              mesh=mesh)
         # Headline numbers (pipeline tables): Q♯ at `qsharp.report_eta`.
         head = f"eval/{guidances[0]}/eta={report_eta:g}"
         for m in ("accuracy", "reward", "kl"):
@@ -382,8 +459,7 @@ def run(cfg, workdir: str):
 
     # Rounds are not iterator-driven; the loader's position is implied by the round index, so on resume
     # skip the rounds already collected.
-    done = len([f for f in os.listdir(data.dir)] if os.path.isdir(data.dir) else [])
-    for _ in range(done):
+    for _ in range(data.saved()):
         next(loader)
     return common.run_loop(cfg, workdir, state=ts, step_fn=step_fn, batches=None, eval_fn=eval_fn,
                            bar_keys=("loss", "critic/accuracy", "qsharp/rollout_reward"))

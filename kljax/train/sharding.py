@@ -234,6 +234,26 @@ def local_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
     return np.concatenate([pieces[k] for k in sorted(pieces)], axis=0)
 
 
+def process_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
+    """Indices of the rows of a global batch of `global_rows` rows that this process holds under the
+    batch sharding, in the order `shard_batch` expects its local rows (all rows in one process).
+
+    A process that samples or reads its own share of a global batch takes these rows of it, so the
+    global array it builds with `shard_batch` equals the one-process batch on any mesh."""
+    spans = set()
+    for index in batch_sharding(mesh).addressable_devices_indices_map((int(global_rows),)).values():
+        sl = index[0]
+        spans.add((sl.start or 0, global_rows if sl.stop is None else sl.stop))
+    return np.concatenate([np.arange(a, b) for a, b in sorted(spans)]).astype(np.int64)
+
+
+def replicate_small(x: jax.Array, mesh: Mesh) -> np.ndarray:
+    """A small global array (per-row flags, a few statistics) as numpy on every process; not for batches."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    return np.asarray(jax.jit(lambda a: a, out_shardings=replicated(mesh))(x))
+
+
 def jit_step(fn: Callable, mesh: Mesh, state_sharding: Any, in_batch_sharding: Any = None, *,
              donate_state: bool = True, metrics_sharding: Any = None, extra_sharding: Any = None) -> Callable:
     """`jax.jit(fn)` for `fn(state, batch) -> (state, metrics)` with explicit shardings.
