@@ -11,6 +11,10 @@ The policy starts from π_ref (same model config); π_ref stays fixed. Loss:
 `objective(batch)` with per-token log-probs `chosen_logp`, `rejected_logp`, `ref_chosen_logp`,
 `ref_rejected_logp` and masks (DPO: −log σ(β·[log π/π_ref(y_w) − log π/π_ref(y_l)]), Rafailov et al. 2023).
 Evaluation: greedy path accuracy and exact KL(π‖π_ref) (`common.make_generation_eval`).
+
+Several processes: each process samples and scores only its rows of every chunk of prompts; the pairs
+are global arrays sharded over the batch axes, and each training batch is gathered from them on the
+device with indices drawn for the global batch (the same on every process).
 """
 from __future__ import annotations
 
