@@ -21,6 +21,19 @@ Args (comma-separated; add `smoke` for a few steps on a tiny local model, as the
              --config.model.hf_path=/models/Qwen2.5-0.5B-Instruct \\
              --config.task.train_files=data/prefs_train.jsonl --config.task.test_files=data/prefs_test.jsonl
 
+  dpo    DPO (β = 0.1) on the same (prompt, chosen, rejected) rows, TRL's DPOTrainer: model.hf_path is the
+         start and the fixed reference; eval = implicit-reward accuracy and margin on the test pairs.
+         python -m kljax.main --config=experiments/hf.py:dpo --workdir=runs/hf/dpo \\
+             --config.model.hf_path=/models/Qwen2.5-0.5B-Instruct \\
+             --config.task.train_files=data/prefs_train.jsonl --config.task.test_files=data/prefs_test.jsonl
+
+  qsharp Q♯ (Zhou et al. 2025): a Bernoulli critic of π_ref's reward-to-go (`task.reward`, values in [0, 1])
+         for every next token, trained on π_ref roll-outs (model.hf_path is π_ref and the critic's trunk), then
+         decoding π_ref·exp(Q/η) restricted to π_ref's top 20 tokens; eval = guided reward and exact KL to π_ref.
+         python -m kljax.main --config=experiments/hf.py:qsharp --workdir=runs/hf/qsharp \\
+             --config.model.hf_path=/models/Qwen2.5-0.5B-Instruct --config.task.reward="my_rewards.py:correct" \\
+             --config.task.train_files=data/gsm8k_train.jsonl --config.task.test_files=data/gsm8k_test.jsonl
+
   ppo    PPO with a critic (value head on the policy's trunk, GAE(1, 0.95), clipped value loss, per-token KL
          reward with Ziegler et al.'s adaptive β toward rl.kl_target) against the reward model above:
          python -m kljax.main --config=experiments/hf.py:ppo --workdir=runs/hf/ppo \\
@@ -195,8 +208,59 @@ def distill_config(smoke: bool) -> ml_collections.ConfigDict:
     return c
 
 
-CONFIGS = {"sft": sft_config, "grpo": grpo_config, "reward_model": reward_model_config, "ppo": ppo_config,
-           "distill": distill_config}
+def dpo_config(smoke: bool) -> ml_collections.ConfigDict:
+    """DPO on (prompt, chosen, rejected) rows from model.hf_path, which is also the fixed reference."""
+    c = base_config("preference")
+    _model(c, smoke)
+    c.task = _task(smoke)
+    c.task.prompt_key, c.task.answer_key = "prompt", ""
+    c.task.chosen_key, c.task.rejected_key = "chosen", "rejected"
+    c.task.reward = ""
+    c.task.chat_template, c.task.system_prompt = False, ""
+    c.objective = ml_collections.ConfigDict(dict(name="dpo", beta=0.1))
+    c.preference = ml_collections.ConfigDict(dict(pairs="dataset", num_pairs=100_000, max_tries=1,
+                                                  temperature=1.0))
+    c.optim.learning_rate = 5e-7
+    c.optim.warmup_steps = 20
+    c.total_steps, c.batch_size = 1000, 64
+    c.eval_every, c.checkpoint.every = 250, 250
+    c.eval.num_examples, c.eval.batch_size = 512, 64
+    c.checkpoint.best_metric = "eval/rewards/accuracies"
+    if smoke:
+        _smoke(c)
+        c.total_steps = 6
+        c.optim.learning_rate = 3e-3
+    return c
+
+
+def qsharp_config(smoke: bool) -> ml_collections.ConfigDict:
+    """Q♯ with a Bernoulli critic (value head per next token) on model.hf_path = π_ref, rewards from task.reward."""
+    c = base_config("qsharp")
+    _model(c, smoke)
+    c.model.value_head = "token"
+    c.task = _task(smoke)
+    c.objective = ml_collections.ConfigDict(dict(name="qsharp_bce", loss_agg="seq-mean-token-mean"))
+    c.qsharp = ml_collections.ConfigDict(dict(
+        rounds=2, critic_steps=500, rollouts_per_round=4096, rollin_eta=0.1, etas=(1.0, 0.1),
+        guidances=("qsharp",), top_k=20, temperature=1.0, top_k_rest="reference", critic_init="reference",
+        v_min=0.0, v_max=1.0))
+    c.optim.learning_rate = 1e-5
+    c.optim.warmup_steps = 20
+    c.batch_size = 64
+    c.total_steps = c.qsharp.rounds * c.qsharp.critic_steps
+    c.checkpoint.every = 250
+    c.eval.num_examples, c.eval.batch_size = 256, 64
+    if smoke:
+        _smoke(c)
+        c.qsharp.rounds, c.qsharp.critic_steps, c.qsharp.rollouts_per_round = 2, 2, 16
+        c.qsharp.top_k, c.qsharp.etas = 4, (0.1,)
+        c.total_steps = 4
+        c.optim.learning_rate = 1e-3
+    return c
+
+
+CONFIGS = {"sft": sft_config, "grpo": grpo_config, "reward_model": reward_model_config, "dpo": dpo_config,
+           "qsharp": qsharp_config, "ppo": ppo_config, "distill": distill_config}
 
 
 def get_config(arg: str = "grpo") -> ml_collections.ConfigDict:

@@ -192,3 +192,16 @@ def test_llama_sft_export_loads_in_transformers_and_greedy_matches(sft_run, llam
     assert AutoTokenizer.from_pretrained(out).apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) \
         == tok.apply_chat_template(msgs)
     assert_same_greedy(sft_run, hf_model, tok, [r["question"] for r in rows(4, 2)], chat=True)
+
+
+@pytest.mark.slow
+def test_qsharp_on_a_hf_reference_with_a_reward_file(user):
+    """`experiments/hf.py:qsharp,smoke`: the Q♯ critic learns π_ref's reward-to-go on the user's model and
+    reward function; guided decoding is evaluated with its reward and exact KL to π_ref."""
+    wd = str(user["root"] / "qsharp")
+    run_main("qsharp,smoke", wd, user, f"--config.task.reward={user['rewards']}:digits")
+    losses = [r["loss"] for r in metrics(wd) if "loss" in r]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    ev = json.load(open(os.path.join(wd, "eval.json")))
+    assert 0.0 <= ev["eval/ref/reward"] <= 1.0 and 0.0 <= ev["eval/qsharp/eta=0.1/reward"] <= 1.0
+    assert ev["eval/qsharp/eta=0.1/kl"] >= 0.0

@@ -305,3 +305,24 @@ def test_aot_compiles_the_critic_and_reward_model_steps():
         cfg.model.value_head = "scalar"
     rows, text, status = aot.check(cfg, "v5e:2x2")
     assert status == 0 and "chosen + rejected" in text, text
+
+
+@pytest.mark.slow
+def test_dpo_on_the_users_preference_pairs(user):
+    """`experiments/hf.py:dpo,smoke`: DPO on the JSONL's own (prompt, chosen, rejected) rows, from
+    model.hf_path (also the fixed reference); eval = implicit-reward accuracy on the test pairs."""
+    wd = str(user["root"] / "dpo")
+    run_main("dpo,smoke", wd, user, "--config.total_steps=8", "--config.checkpoint.every=4")
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        train = [json.loads(line) for line in f if '"loss"' in line]
+    assert len(train) == 8 and all(np.isfinite(r["loss"]) for r in train)
+    assert train[0]["loss"] == pytest.approx(np.log(2), abs=1e-3)  # π = π_ref at the start: −log σ(0)
+    assert np.mean([r["loss"] for r in train[-2:]]) < train[0]["loss"]
+    ev = json.load(open(os.path.join(wd, "eval.json")))
+    assert ev["eval/num_examples"] == 8  # the 8 test pairs, all kept
+    assert ev["eval/rewards/accuracies"] >= 0.75 and ev["eval/rewards/margins"] > 0
+    cfg = common.load_config_file(f"{HF}:dpo,smoke")
+    cfg.task.train_files, cfg.task.chosen_key, cfg.task.rejected_key = user["train"], "", ""
+    cfg.model.hf_path, cfg.task.data_dir = user["model"], user["data"]
+    with pytest.raises(ConfigError, match=r"preference.pairs='dataset'.*chosen/rejected"):
+        common.validate(cfg)

@@ -1,16 +1,20 @@
-"""Offline preference optimization (`loop = "preference"`): DPO / IPO / H-DPO / DPKD on pairs built
-from the reference policy, as in the Q♯ star-graph code (`collect_rollouts.py`, `train_dpo.py`).
+"""Offline preference optimization (`loop = "preference"`): DPO / IPO / H-DPO / DPKD on the task's own
+(prompt, chosen, rejected) rows, or on pairs built from the reference policy as in the Q♯ star-graph
+code (`collect_rollouts.py`, `train_dpo.py`).
 
-Pairs: for `preference.num_pairs` training prompts, sample π_ref (the `init_from` model) at
+Pairs (`preference.pairs`): "dataset" = the first `preference.num_pairs` training rows of a task with
+chosen/rejected completions (the `files` task with `task.chosen_key` / `task.rejected_key`: TRL's
+DPOTrainer data); evaluation is then the objective's metrics (implicit-reward accuracy and margin) on
+the test split's pairs. "reference_samples" (default): for `preference.num_pairs` training prompts, sample π_ref (the `init_from` model) at
 `preference.temperature` up to `preference.max_tries` times until a completion gets reward < 1
 (wrong path); chosen = the ground-truth target, rejected = that failed sample. Prompts where π_ref
 never fails are dropped (Q♯ code: at most 1000 tries). Pairs are saved to `workdir/pairs.npz`
 (several processes: each saves its own rows, `pairs.process<i>of<n>.npz`).
 
-The policy starts from π_ref (same model config); π_ref stays fixed. Loss:
+The policy starts from π_ref (`init_from`, or the `model.hf_path` checkpoint); π_ref stays fixed. Loss:
 `objective(batch)` with per-token log-probs `chosen_logp`, `rejected_logp`, `ref_chosen_logp`,
 `ref_rejected_logp` and masks (DPO: −log σ(β·[log π/π_ref(y_w) − log π/π_ref(y_l)]), Rafailov et al. 2023).
-Evaluation: greedy path accuracy and exact KL(π‖π_ref) (`common.make_generation_eval`).
+Evaluation of reference-sample pairs: greedy path accuracy and exact KL(π‖π_ref) (`make_generation_eval`).
 
 Several processes: each process samples and scores only its rows of every chunk of prompts; the pairs
 are global arrays sharded over the batch axes, and each training batch is gathered from them on the
@@ -110,14 +114,24 @@ def validate(cfg, check_paths: bool = True) -> None:
     from kljax.train import common
     check_objective(cfg, "preference")
     common.validate_common(cfg)
-    require(cfg, "init_from", lambda v: isinstance(v, str) and (v != "" or not check_paths),
-            "offline preference optimization starts from (and is regularized toward) a reference: set init_from "
-            "to the workdir of a pretrained LM.")
-    if check_paths:
-        common.check_run_exists(cfg.init_from, "init_from")
+    if not common.hf_path(cfg):
+        require(cfg, "init_from", lambda v: isinstance(v, str) and (v != "" or not check_paths),
+                "offline preference optimization starts from (and is regularized toward) a reference: set "
+                "init_from to the workdir of a pretrained LM, or model.hf_path to a Hugging Face folder.")
+        if check_paths:
+            common.check_run_exists(cfg.init_from, "init_from")
+    source = require(cfg, "preference.pairs", lambda v: v in PAIR_SOURCES, f"use one of {PAIR_SOURCES}.",
+                     default="reference_samples")
     require(cfg, "preference.num_pairs", lambda v: int(v) >= int(cfg.batch_size),
             "collect at least one batch of pairs (>= batch_size).")
-    require(cfg, "preference.max_tries", lambda v: int(v) >= 1, "use at least one try.")
+    if source == "dataset":
+        from kljax.train import reward_model
+        reward_model.check_task_has_pairs(cfg, common.build_task(cfg), "preference.pairs='dataset'")
+    else:
+        require(cfg, "preference.max_tries", lambda v: int(v) >= 1, "use at least one try.")
+
+
+PAIR_SOURCES = ("reference_samples", "dataset")
 
 
 PAIR_FIELDS = ("prompt", "prompt_valid", "chosen", "chosen_valid", "rejected", "rejected_valid",
@@ -132,7 +146,8 @@ def _ref_logp(graphdef, params, rest, prompt, prompt_valid, completion, completi
     return _completion_token_logp(model, prompt, prompt_valid, completion, completion_valid).astype(jnp.float32)
 
 
-def _pair_chunk(ref_model, task, src, mesh, lo: int, hi: int, key, *, max_tries: int, temperature: float) -> dict:
+def _pair_chunk(ref_model, task, src, mesh, lo: int, hi: int, key, *, max_tries: int, temperature: float,
+                from_dataset: bool = False) -> dict:
     """Global arrays of the pairs of training prompts [lo, hi): each process reads and scores only its
     rows; the chunk is padded to a multiple of the data-parallel size with copies of its last prompt
     (`keep` = 0 there, and where π_ref never failed). Reference log-probs are computed once (π_ref is
@@ -144,10 +159,15 @@ def _pair_chunk(ref_model, task, src, mesh, lo: int, hi: int, key, *, max_tries:
     mine = shd.process_rows(mesh, want)
     rows = np.minimum(lo + mine, hi - 1)
     rec = _BatchReader(src)(rows)
-    rejected, rejected_valid, found = sample_rejected(ref_model, task, rec, key, max_tries=max_tries,
-                                                      temperature=temperature, mesh=mesh)
-    g = shd.shard_batch({"prompt": rec["prompt"], "prompt_valid": rec["prompt_valid"], "chosen": rec["target"],
-                         "chosen_valid": rec["target_valid"], "rejected": rejected, "rejected_valid": rejected_valid,
+    if from_dataset:  # the task's own pairs
+        chosen, chosen_valid = rec["chosen"], rec["chosen_valid"]
+        rejected, rejected_valid, found = rec["rejected"], rec["rejected_valid"], np.ones(len(rows), bool)
+    else:
+        chosen, chosen_valid = rec["target"], rec["target_valid"]
+        rejected, rejected_valid, found = sample_rejected(ref_model, task, rec, key, max_tries=max_tries,
+                                                          temperature=temperature, mesh=mesh)
+    g = shd.shard_batch({"prompt": rec["prompt"], "prompt_valid": rec["prompt_valid"], "chosen": chosen,
+                         "chosen_valid": chosen_valid, "rejected": rejected, "rejected_valid": rejected_valid,
                          "keep": found & (lo + mine < hi)}, mesh)
     graphdef, params, rest = nnx.split(ref_model, nnx.Param, ...)
     for side in ("chosen", "rejected"):
@@ -205,34 +225,62 @@ class _GatheredBatches:
         self.it.set_state(s)
 
 
+def _collect_pairs(cfg, task, ref_model, mesh, split: str, n: int, from_dataset: bool) -> dict:
+    """Global pair arrays (with reference log-probs and `keep`) of the first `n` rows of `split`, in
+    chunks of `eval.batch_size` prompts; each process reads and samples only its own rows."""
+    from kljax.train import setup as setup_lib
+    src = task.data_source(split, setup_lib.data_dir(cfg))
+    n = min(n, len(src))
+    bs = int(cfg.eval.get("batch_size", 128))
+    chunks = [_pair_chunk(ref_model, task, src, mesh, lo, min(lo + bs, n), jax.random.PRNGKey(int(cfg.seed) + 17 + lo),
+                          max_tries=int(cfg.preference.get("max_tries", 1)),
+                          temperature=float(cfg.preference.get("temperature", 1.0)), from_dataset=from_dataset)
+              for lo in range(0, n, bs)]
+    concat = jax.jit(lambda cs: {k: jnp.concatenate([c[k] for c in cs]) for k in cs[0]},
+                     out_shardings=shd.batch_sharding(mesh))
+    return concat(chunks)
+
+
+def make_pair_eval(cfg, task, ref_model, mesh, loss_fn):
+    """`eval_fn(ts)`: the objective's metrics (`rewards/accuracies`, `rewards/margins`, ...) on the test
+    split's pairs, as `eval/*` (one jitted pass; rows padded to the data-parallel size are dropped)."""
+    from flax import nnx
+    pairs = _collect_pairs(cfg, task, ref_model, mesh, "test", int(cfg.eval.num_examples), True)
+    kept = np.nonzero(shd.replicate_small(pairs["keep"], mesh))[0]
+    kept = kept[:len(kept) // shd.data_parallel_size(mesh) * shd.data_parallel_size(mesh)]
+    select = jax.jit(lambda tree, idx: jax.tree.map(lambda v: v[idx], tree), out_shardings=shd.batch_sharding(mesh))
+    batch = select({k: v for k, v in pairs.items() if k != "keep"}, jax.device_put(kept, shd.replicated(mesh)))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def metrics(graphdef, params, rest, batch):
+        return loss_fn(nnx.merge(graphdef, params, rest), batch, None)[1]
+
+    def eval_fn(ts):
+        m = jax.device_get(metrics(ts.graphdef, ts.params, ts.model_state, batch))
+        out = {f"eval/{k}": float(v) for k, v in m.items()}
+        out["eval/num_examples"] = int(len(kept))
+        return out
+    return eval_fn
+
+
 def run(cfg, workdir: str):
     from kljax.data import make_loader, ArraySource
     from kljax.train import common
     validate(cfg)
+    from flax import nnx
+    from kljax.train import setup as setup_lib
     objective = check_objective(cfg, "preference")
     hparams = objective_hparams(cfg)
-    task = common.build_task(cfg)
-    mesh = common.build_mesh(cfg)
-    ref_ts, _ = common.load_state_from(cfg.init_from, mesh)
-    ref_model = ref_ts.model()
-    ts = common.init_params_from(common.create_state(cfg, mesh, task), cfg.init_from, mesh)
+    task, mesh, ts = setup_lib.setup(cfg)  # init_from's params, else model.hf_path's: also the reference
+    ref_model = nnx.merge(ts.graphdef, jax.tree.map(lambda x: x.copy(), ts.params), ts.model_state)
+    from_dataset = cfg.preference.get("pairs", "reference_samples") == "dataset"
 
     path = _pairs_file(workdir)
     pairs = _load_pairs(path, mesh)
     if pairs is None:
         # Each process samples and scores its own rows of every chunk of prompts; the pairs stay global
         # arrays, sharded over the batch axes (one dataset, each process holding its share).
-        src = task.data_source("train", common.data_dir(cfg))
-        n = min(int(cfg.preference.num_pairs), len(src))
-        bs = int(cfg.eval.get("batch_size", 128))
-        chunks = [_pair_chunk(ref_model, task, src, mesh, lo, min(lo + bs, n),
-                              jax.random.PRNGKey(int(cfg.seed) + 17 + lo),
-                              max_tries=int(cfg.preference.max_tries),
-                              temperature=float(cfg.preference.get("temperature", 1.0)))
-                  for lo in range(0, n, bs)]
-        concat = jax.jit(lambda cs: {k: jnp.concatenate([c[k] for c in cs]) for k in cs[0]},
-                         out_shardings=shd.batch_sharding(mesh))
-        pairs = concat(chunks)
+        pairs = _collect_pairs(cfg, task, ref_model, mesh, "train", int(cfg.preference.num_pairs), from_dataset)
         _save_pairs(path, pairs, mesh)
     kept = np.nonzero(shd.replicate_small(pairs["keep"], mesh))[0]
     if len(kept) < int(cfg.batch_size):
@@ -241,8 +289,8 @@ def run(cfg, workdir: str):
                           f"`preference.num_pairs` (need >= batch_size={cfg.batch_size} pairs).")
     data = {k: v for k, v in pairs.items() if k != "keep"}
 
-    train_step = common.make_step(functools.partial(preference_loss, objective=objective, hparams=hparams),
-                                  cfg, mesh, ts)
+    loss_fn = functools.partial(preference_loss, objective=objective, hparams=hparams)
+    train_step = common.make_step(loss_fn, cfg, mesh, ts)
     # The shuffled order of the kept pairs is drawn once for the global batch, identically on every process.
     loader = make_loader(ArraySource({"index": kept}), int(cfg.batch_size), seed=int(cfg.seed), shard_index=0,
                          shard_count=1)
@@ -250,7 +298,8 @@ def run(cfg, workdir: str):
                           out_shardings=shd.batch_sharding(mesh))
     replicated = shd.replicated(mesh)
     batches = _GatheredBatches(loader, lambda idx: select_rows(data, jax.device_put(idx, replicated)))
-    eval_fn = common.make_generation_eval(cfg, task, mesh, ref_model=ref_model)
+    eval_fn = (make_pair_eval(cfg, task, ref_model, mesh, loss_fn) if from_dataset else
+               common.make_generation_eval(cfg, task, mesh, ref_model=ref_model))
 
     def step_fn(ts, batch):
         ts, m = train_step(ts, batch)

@@ -278,11 +278,12 @@ def validate(cfg, check_paths: bool = True) -> None:
     if name == "qsharp_bce" and atoms != 1:
         raise ConfigError(f"config field `model.num_atoms` = {atoms} is invalid: qsharp_bce is the Bernoulli critic "
                           "(one logit per token); use num_atoms=1 or objective qsharp_histogram.")
-    require(cfg, "init_from", lambda v: isinstance(v, str) and (v != "" or not check_paths),
-            "Q♯ needs the reference policy π_ref: set init_from to the workdir of a pretrained LM "
-            "(e.g. runs/star_pretrain).")
-    if check_paths:
-        common.check_run_exists(cfg.init_from, "init_from")
+    if not common.hf_path(cfg):  # else the model.hf_path checkpoint is π_ref (and the critic's trunk)
+        require(cfg, "init_from", lambda v: isinstance(v, str) and (v != "" or not check_paths),
+                "Q♯ needs the reference policy π_ref: set init_from to the workdir of a pretrained LM "
+                "(e.g. runs/star_pretrain), or model.hf_path to a Hugging Face folder.")
+        if check_paths:
+            common.check_run_exists(cfg.init_from, "init_from")
     q = require(cfg, "qsharp", lambda v: v is not None, "add a `qsharp` ConfigDict.")
     require(q, "rounds", lambda v: int(v) >= 1, "use at least one round.", prefix="qsharp")
     require(q, "critic_steps", lambda v: int(v) >= 1, "use at least one critic step per round.", prefix="qsharp")
@@ -375,6 +376,14 @@ class RoundData:
         return self._all
 
 
+def reference_config(cfg):
+    """`cfg` for π_ref when it is the `model.hf_path` checkpoint: the critic's model without its value head."""
+    c = cfg.copy_and_resolve_references()
+    with c.unlocked():
+        c.model.value_head, c.model.num_atoms = "none", 1
+    return c
+
+
 def run(cfg, workdir: str):
     """Run Q♯ rounds (and evaluate Q♯ and CD guidance at every η) in `workdir`; returns the final eval."""
     from kljax.data import make_loader
@@ -389,7 +398,8 @@ def run(cfg, workdir: str):
         hparams["atoms"] = jnp.asarray(atoms)
     task = common.build_task(cfg)
     mesh = common.build_mesh(cfg)
-    ref_ts, _ = common.load_state_from(cfg.init_from, mesh)
+    ref_ts = (common.load_state_from(cfg.init_from, mesh)[0] if cfg.get("init_from", "") else
+              common.create_state(reference_config(cfg), mesh, task))  # model.hf_path's checkpoint
     ref_model = ref_ts.model()
     ts = common.create_state(cfg, mesh, task)
     if q.get("critic_init", "reference") == "reference":

@@ -143,13 +143,14 @@ def load_reward_fn(workdir: str, mesh):
     return functools.partial(_score_jit, graphdef, params, rest)
 
 
-def _check_task_has_pairs(cfg: Any, task) -> None:
+def check_task_has_pairs(cfg: Any, task, needed_by: str = "the reward-model loop") -> None:
+    """`ConfigError` unless `task`'s records carry chosen/rejected completions."""
     try:
         fields = set(task.features().keys())
     except (AttributeError, TypeError, NotImplementedError):
         fields = set()
     if not set(PAIR_FIELDS) <= fields:
-        raise ConfigError(f"config field `task.name` = {cfg.task.name!r}: the reward-model loop trains on preference "
+        raise ConfigError(f"config field `task.name` = {cfg.task.name!r}: {needed_by} trains on preference "
                           "pairs, and this task's records have no chosen/rejected completions; use the `files` task "
                           "with `task.chosen_key` and `task.rejected_key` set.")
 
@@ -161,7 +162,7 @@ def validate(cfg: Any, check_paths: bool = True) -> None:
     require(cfg, "model.num_atoms", lambda v: int(v) == 1, "use 1 (a scalar reward).", default=1)
     if "reward_model" in cfg:
         require(cfg, "reward_model.center_coef", lambda v: float(v) >= 0, "use a coefficient >= 0.", default=0.0)
-    _check_task_has_pairs(cfg, setup_lib.build_task(cfg))
+    check_task_has_pairs(cfg, setup_lib.build_task(cfg))
     if check_paths and cfg.get("init_from", ""):
         runs_lib.check_run_exists(cfg.init_from, "init_from")
 
