@@ -31,6 +31,11 @@ critic is run on the prefix buffer and read at the current slot.
 
 The aggregated data are saved per round in `workdir/qsharp_data/round_<k>.npz`, so a resumed run
 trains on exactly the same data.
+
+Several processes: each process rolls out its own share of the round's prompts (its grain shard) under
+the mesh and scores its own rows; the round's data are global arrays sharded over the batch axes (each
+process saves its rows, `round_<k>.process<i>of<n>.npz`), critic minibatches are gathered on the device
+with the same indices everywhere, and the evaluation sums per-row statistics of the global batch.
 """
 from __future__ import annotations
 
