@@ -15,6 +15,10 @@ The policy starts from π_ref (`init_from`, or the `model.hf_path` checkpoint); 
 `objective(batch)` with per-token log-probs `chosen_logp`, `rejected_logp`, `ref_chosen_logp`,
 `ref_rejected_logp` and masks (DPO: −log σ(β·[log π/π_ref(y_w) − log π/π_ref(y_l)]), Rafailov et al. 2023).
 Evaluation of reference-sample pairs: greedy path accuracy and exact KL(π‖π_ref) (`make_generation_eval`).
+
+Several processes: each process samples and scores only its rows of every chunk of prompts; the pairs
+are global arrays sharded over the batch axes, and each training batch is gathered from them on the
+device with indices drawn for the global batch (the same on every process).
 """
 from __future__ import annotations
 

@@ -31,6 +31,11 @@ critic is run on the prefix buffer and read at the current slot.
 
 The aggregated data are saved per round in `workdir/qsharp_data/round_<k>.npz`, so a resumed run
 trains on exactly the same data.
+
+Several processes: each process rolls out its own share of the round's prompts (its grain shard) under
+the mesh and scores its own rows; the round's data are global arrays sharded over the batch axes (each
+process saves its rows, `round_<k>.process<i>of<n>.npz`), critic minibatches are gathered on the device
+with the same indices everywhere, and the evaluation sums per-row statistics of the global batch.
 """
 from __future__ import annotations
 
@@ -157,9 +162,17 @@ def collect_round(ref_model, critic, task, records: dict, key, *, eta, kind, ato
 
 
 def critic_loss(model, batch, rng, *, objective, hparams):
-    """Critic loss on aggregated roll-outs: objective(critic outputs, next tokens, returns, mask)."""
-    out = critic_outputs(model, batch["tokens"], batch["positions"], batch["valid"])
-    loss, m = objective(out[:, :-1], batch["tokens"][:, 1:], batch["returns"], batch["mask"][:, :-1], **hparams)
+    """Critic loss on aggregated roll-outs: objective(critic outputs, next tokens, returns, mask).
+
+    A TransformerLM critic is read only at the taken next tokens (`values_at`): the loss needs nothing
+    else, so the `[B, T, V]` outputs of its token head are never formed."""
+    toks, nxt = batch["tokens"], batch["tokens"][:, 1:]
+    if hasattr(model, "values_at"):
+        h = model.hidden(toks, positions=batch["positions"], valid=batch["valid"])[:, :-1]
+        out, taken = model.values_at(h, nxt), None
+    else:
+        out, taken = critic_outputs(model, toks, batch["positions"], batch["valid"])[:, :-1], nxt
+    loss, m = objective(out, taken, batch["returns"], batch["mask"][:, :-1], **hparams)
     return loss, dict(m)
 
 
