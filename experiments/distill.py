@@ -83,5 +83,6 @@ def get_config(arg: str = "fkl"):
         replay_size=64 if smoke else 256,
         replay_ratio="decreasing",
         teacher_sharding="fsdp",    # the teacher's parameter layout: fsdp | tensor (tensor-parallel)
+        vocab_tile=-1,              # loss by vocabulary tiles: -1 auto (V >= 32k), 0 dense, > 0 tile size
     ))
     return c

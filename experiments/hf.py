@@ -195,7 +195,7 @@ def distill_config(smoke: bool) -> ml_collections.ConfigDict:
     c.distill = ml_collections.ConfigDict(dict(
         teacher_from="", teacher_hf_path="",  # teacher_hf_path: a Hugging Face folder (same tokenizer)
         data="student", lam=0.5, temperature=1.0, teacher_smoothing=0.0, phi=0.5, replay_size=0,
-        replay_ratio="decreasing", teacher_sharding="fsdp"))
+        replay_ratio="decreasing", teacher_sharding="fsdp", vocab_tile=-1))
     c.optim.learning_rate = 1e-5
     c.optim.warmup_steps = 20
     c.total_steps, c.batch_size = 500, 32

@@ -468,6 +468,7 @@ FIELD_DOCS: dict[str, str] = {
     "distill": "knowledge distillation (kljax/train/distill.py)",
     "distill.teacher_from": "teacher workdir, or 'source' (synthetic_lm's exact distribution)",
     "distill.teacher_hf_path": "instead of teacher_from: a Hugging Face teacher folder sharing the student's tokenizer",
+    "distill.vocab_tile": "distillation loss by vocabulary tiles from hidden states (fkl, rkl, jsd, skl, srkl, tvd; a teacher model): tile size, 0 = dense logits, -1 = auto (8192 when V >= 32768)",
     "distill.teacher_sharding": "the teacher's parameter layout: fsdp (the student's) | tensor (tensor-parallel over fsdp × tensor devices, embed replicated)",
     "distill.teacher_smoothing": "mix of the uniform distribution into the 'source' teacher",
     "distill.data": "dataset | student (GKD) | onpolicy | teacher (sequence KD) | adaptive (DistiLLM)",

@@ -311,12 +311,16 @@ def divergence_from_hidden(
     (stop-gradient). Only ``[tokens, chunk_size]`` logits of each model are alive at once.
     Returns ``[...]`` (the leading shape of the hidden states), 0 where ``mask`` is 0.
     """
-    if target_hidden.shape != model_hidden.shape or target_unembedding.shape[1] != model_unembedding.shape[1]:
+    if (target_hidden.shape[:-1] != model_hidden.shape[:-1]
+            or target_unembedding.shape[1] != model_unembedding.shape[1]
+            or target_hidden.shape[-1] != target_unembedding.shape[0]
+            or model_hidden.shape[-1] != model_unembedding.shape[0]):
         raise ValueError(
             f"target_hidden{list(target_hidden.shape)}, model_hidden{list(model_hidden.shape)}, "
             f"target_unembedding{list(target_unembedding.shape)}, "
             f"model_unembedding{list(model_unembedding.shape)}: the hidden states must have the same "
-            "shape and both unembeddings the same vocabulary size"
+            "leading shape, each its unembedding's width (a wider teacher is fine), and both "
+            "unembeddings the same vocabulary size"
         )
     ht, c, t = _flatten_hidden(target_hidden, target_unembedding, chunk_size, temperature)
     hq, _, _ = _flatten_hidden(model_hidden, model_unembedding, chunk_size, temperature)

@@ -86,6 +86,31 @@ def test_tensor_parallel_teacher_gives_the_same_logits_with_its_own_layout(folde
         common.validate(bad)
 
 
+@pytest.mark.slow
+def test_vocabulary_tiled_loss_matches_dense_from_a_wider_teacher(folders, monkeypatch):
+    """`distill.vocab_tile`: the loss streamed from the student's and the (wider, padded-vocabulary)
+    teacher's hidden states by tiles of 64 gives the dense loss every step, and JSD too."""
+    losses, traced = {}, []
+    tiled_loss = distill.lm_distill_loss_tiled
+    monkeypatch.setattr(distill, "lm_distill_loss_tiled", lambda *a, **k: traced.append(k["name"]) or tiled_loss(*a, **k))
+    for name, tile in (("fkl", 0), ("fkl", 64), ("jsd", 0), ("jsd", 64)):
+        cfg = kd_config(folders, folders["teacher"], steps=3)
+        cfg.objective.name = name
+        cfg.distill.vocab_tile = tile
+        cfg.eval.num_examples = 0
+        wd = str(folders["root"] / f"tile_{name}_{tile}")
+        distill.run(cfg, wd)
+        losses[name, tile] = [json.loads(line)["loss"] for line in open(f"{wd}/metrics.jsonl") if '"loss"' in line]
+    assert sorted(set(traced)) == ["fkl", "jsd"]  # the tiled runs took the tiled loss (traced once each)
+    for name in ("fkl", "jsd"):
+        assert len(losses[name, 0]) == 3
+        np.testing.assert_allclose(losses[name, 64], losses[name, 0], rtol=2e-4, atol=1e-6)
+    bad = kd_config(folders, folders["teacher"])
+    bad.objective.name, bad.distill.vocab_tile = "akl", 64
+    with pytest.raises(ConfigError, match=r"distill.vocab_tile.*dense"):
+        common.validate(bad)
+
+
 def test_vocabulary_below_the_tokenizer_is_an_error_naming_both(folders, tmp_path):
     small = tmp_path / "small"
     hfx.make_model(small, "qwen2", vocab_size=256)  # fewer rows than the tokenizer's 300 ids

@@ -305,3 +305,35 @@ def test_sharded_by_logical_names_gives_same_logits(lm):
     tokens = random_tokens(4, 5)
     out = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(sharded, tokens)
     np.testing.assert_allclose(out, fwd(lm, tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("atoms,objective", [(1, "qsharp_bce"), (3, "qsharp_histogram")])
+def test_values_at_taken_tokens_equals_the_gathered_token_head(atoms, objective):
+    """The Q♯ critic loss reads the token head only at the taken tokens (`values_at`): the same loss
+    and gradient as gathering from the full [B, T, V(, A)] outputs."""
+    from kljax import objectives
+    from kljax.train import qsharp
+    lm = TransformerLM(lm_config(vocab_size=11, width=16, depth=1, num_heads=2, max_len=8, value_head="token",
+                                 num_atoms=atoms, value_init_std=0.5), rngs=nnx.Rngs(0))
+    r = np.random.default_rng(0)
+    tokens = jnp.asarray(r.integers(0, 11, (3, 8)), jnp.int32)
+    valid = jnp.ones((3, 8), bool)
+    batch = {"tokens": tokens, "positions": positions_from_valid(valid), "valid": valid,
+             "returns": jnp.asarray([1.0, 0.0, 1.0]), "mask": jnp.asarray(r.integers(0, 2, (3, 8)), jnp.float32)}
+    h = lm.hidden(tokens, positions=batch["positions"], valid=valid)
+    full = lm.values(h)
+    idx = tokens[..., None] if atoms == 1 else tokens[..., None, None]
+    gathered = jnp.take_along_axis(full, idx, axis=2)[:, :, 0]
+    np.testing.assert_allclose(lm.values_at(h, tokens), gathered, rtol=1e-5, atol=1e-6)
+    obj = objectives.get(objective)
+    hp = {"atoms": jnp.linspace(0.0, 1.0, atoms)} if atoms > 1 else {}
+
+    def dense(model):
+        out = qsharp.critic_outputs(model, tokens, batch["positions"], valid)[:, :-1]
+        return obj(out, tokens[:, 1:], batch["returns"], batch["mask"][:, :-1], **hp)[0]
+
+    def taken(model):
+        return qsharp.critic_loss(model, batch, None, objective=obj, hparams=hp)[0]
+    (ld, gd), (lt, gt) = (nnx.value_and_grad(f)(lm) for f in (dense, taken))
+    np.testing.assert_allclose(lt, ld, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), nnx.state(gt), nnx.state(gd))

@@ -329,6 +329,17 @@ class TransformerLM(nnx.Module):
         out = out + self.value_bias[...].astype(jnp.float32)
         return out[..., 0] if self.num_atoms == 1 else out
 
+    def values_at(self, h, tokens):
+        """Token value head read only at `tokens` [B, T]: [B, T] ([B, T, A] if atoms > 1), equal to
+        `values(h)` gathered there, without forming the [B, T, V] outputs (the head's columns of the
+        taken tokens are gathered instead: B·T·D, not B·T·V)."""
+        if self.value_head != "token":
+            raise ValueError("values_at reads a per-token value head; build the model with value_head='token'")
+        w = jnp.take(self.value_kernel[...], tokens, axis=1).astype(self.dtype)  # [D, B, T, A]
+        out = jnp.einsum("btd,dbta->bta", h, w, preferred_element_type=jnp.float32)
+        out = out + jnp.take(self.value_bias[...], tokens, axis=0).astype(jnp.float32)
+        return out[..., 0] if self.num_atoms == 1 else out
+
     # ---------------------------------------------------------------- cached decoding
     def init_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
         """Empty cache for ``batch_size`` rows and ``max_len`` slots (default: the config's max_len)."""

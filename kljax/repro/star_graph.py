@@ -21,12 +21,16 @@ workdir). Stages:
    sampled from Q♯'s π_ref·(1 − p + p·e^{1/η}) or CD's π_ref·e^{p/η} and π_ref finishes the path.
    Exact KL to π_ref = the KL at that one node (π_ref decides everywhere else).
 3. **critic learning curve**: one pool of π_ref roll-outs on training graphs, labelled with their
-   reward; a Q♯ Bernoulli critic (`loop=qsharp`, one round, its data seeded from the pool) trained on
-   the first n roll-outs for n in `curve.sizes`, for each variant in `curve.variants` (critic body
-   from π_ref's trunk or from scratch; labels at every completion position or only after Q♯'s
-   random switch time h). Reported: the critic's held-out decision accuracy (on test graphs, is the
-   arm-start with the highest predicted success the true n1?) and Q♯-guided accuracy at η = 0.1.
-4. **guided decoding** with the best curve critic (largest n, first variant), Q♯ and CD at every η.
+   reward (`kljax.train.qsharp.collect_round`); a Bernoulli critic trained on the first n roll-outs for
+   n in the variant's sizes. Variants `type/init/labels`: type Q = kljax's `qsharp` loop (one round, its
+   data seeded from the pool), one output per next token read at the prefix's last slot; type V = the
+   Q♯ star-graph code's classifier, a scalar value read at the candidate token's own slot (trained
+   with `qsharp_bce(tokens=None)` by kljax's train step and loop); init = critic body from π_ref's
+   trunk (`reference`) or fresh (`scratch`); labels at every completion position (`all`) or only after
+   Q♯'s random switch time h (`switch`). Reported: the critic's held-out decision accuracy (on test
+   graphs, is the arm start with the highest predicted success the true n1?) and Q♯-guided accuracy
+   at η = `curve.eval_eta`. V-type guidance scores π_ref's top `mc.candidates` tokens at every step.
+4. **guided decoding** with the largest-n critic of each `report` variant, Q♯ and CD at every η.
 5. **post-training baselines** from the same π_ref: REINFORCE, GRPO, RPG-UFKL (kljax.train.rl) and
    DPO on (ground truth, failed π_ref sample) pairs (kljax.train.preference).
 
@@ -67,9 +71,8 @@ def config(quick: bool = False, seeds: int | None = None) -> dict:
             "mc": dict(candidates=4, rollouts=4),
             "etas": [1.0, 0.1],
             "curve": dict(steps=100, batch_size=128, learning_rate=1e-3, eval_eta=0.1, variants=[
-                dict(name="V/reference/all", sizes=[2048], report=True),
-                dict(name="Q/reference/all", sizes=[1024])]),
-            "baselines": dict(rl=["grpo"], rl_steps=10, dpo=False, dpo_pairs=512, dpo_steps=50),
+                dict(name="V/reference/all", sizes=[2048], report=True)]),
+            "baselines": dict(rl=["grpo"], rl_steps=5, dpo=False, dpo_pairs=512, dpo_steps=50),
         }
     graphs = [dict(degree=2, path_len=3, num_nodes=20, train_size=50_000, test_size=1_000)]
     return {
@@ -83,13 +86,12 @@ def config(quick: bool = False, seeds: int | None = None) -> dict:
         "etas": [1.0, 0.1, 0.01],
         # variants: critic type (Q: one output per next token, kljax's qsharp loop; V: the value read at the
         # candidate's own slot, the Q♯ star-graph code's classifier) / body init / which positions get labels
-        "curve": dict(steps=400, batch_size=128, learning_rate=1e-3, eval_eta=0.1, variants=[
-            dict(name="V/reference/all", sizes=[1024, 4096, 16384, 32768], report=True),
-            dict(name="Q/reference/all", sizes=[1024, 4096, 32768], report=True),
-            dict(name="V/scratch/all", sizes=[4096, 32768]),
-            dict(name="Q/reference/switch", sizes=[32768])]),
-        "baselines": dict(rl=["reinforce", "grpo", "rpg_ufkl"], rl_steps=100, dpo=True, dpo_pairs=4096,
-                          dpo_steps=300),
+        "curve": dict(steps=300, batch_size=128, learning_rate=1e-3, eval_eta=0.1, variants=[
+            dict(name="V/reference/all", sizes=[1024, 4096, 32768], report=True),
+            dict(name="Q/reference/all", sizes=[4096, 32768], report=True),
+            dict(name="V/scratch/all", sizes=[32768])]),
+        "baselines": dict(rl=["reinforce", "grpo", "rpg_ufkl"], rl_steps=60, dpo=True, dpo_pairs=4096,
+                          dpo_steps=200),
     }
 
 
@@ -130,6 +132,15 @@ def _run_stage(cfg, workdir: str) -> dict:
 def _stage_dir(base: str, name: str, cfg) -> str:
     # The config digest in the name: a changed setting trains afresh instead of clashing with a stale run.
     return os.path.join(base, f"{name}-{_digest(cfg)}")
+
+
+def _train_wall(workdir: str) -> float | None:
+    """Wall time of the training run in `workdir` when it ran (its eval.json), also after a rerun skipped it."""
+    try:
+        with open(os.path.join(workdir, "eval.json")) as f:
+            return float(json.load(f)["wall_s"])
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _graph_name(g: dict) -> str:
@@ -375,8 +386,14 @@ def _run_graph(cfg: dict, g: dict, out: str, partial=lambda res: None) -> dict:
     lap("pretrain")
 
     # 2. Monte-Carlo-value guidance -------------------------------------------------------------
-    mc = mc_guidance(ref, task, records, jax.random.PRNGKey(7), etas=cfg["etas"], candidates=cfg["mc"]["candidates"],
-                     rollouts=cfg["mc"]["rollouts"])
+    mc_path = os.path.join(base, f"mc-{_digest(pc)}-{hashlib.sha1(json.dumps([cfg['mc'], cfg['etas'], cfg['test_graphs']]).encode()).hexdigest()[:8]}.json")
+    if os.path.exists(mc_path):  # a rerun (e.g. after an interrupted curve) reuses the finished MC stage
+        with open(mc_path) as f:
+            mc = json.load(f)
+    else:
+        mc = mc_guidance(ref, task, records, jax.random.PRNGKey(7), etas=cfg["etas"],
+                         candidates=cfg["mc"]["candidates"], rollouts=cfg["mc"]["rollouts"])
+        common.write_json(mc_path, mc)
     res["mc"] = mc
     for guidance, label in (("qsharp", "Q♯ (MC values)"), ("cd", "CD (MC values)")):
         for eta in cfg["etas"]:
@@ -429,7 +446,11 @@ def _run_graph(cfg: dict, g: dict, out: str, partial=lambda res: None) -> dict:
             wd = _stage_dir(base, f"critic-{kind}-{init}-{labels}-{n}", qc)
             del qc.labels
             t0 = time.time()
-            if kind == "Q":
+            cache = os.path.join(wd, "repro_point.json")
+            if os.path.exists(cache):  # a rerun reuses a finished point (the stage itself is skipped anyway)
+                with open(cache) as f:
+                    dec, train_dec, guided, t_point = json.load(f)
+            elif kind == "Q":
                 seed_file = os.path.join(os.path.abspath(wd), "qsharp_data", "round_0.npz")
                 if not os.path.exists(seed_file):
                     os.makedirs(os.path.dirname(seed_file), exist_ok=True)
@@ -452,10 +473,14 @@ def _run_graph(cfg: dict, g: dict, out: str, partial=lambda res: None) -> dict:
                 guided = v_guided_eval(ref, critic, task, records, jax.random.PRNGKey(5),
                                        etas=tuple(qc.qsharp.etas), guidances=tuple(qc.qsharp.guidances),
                                        candidates=int(cfg["mc"]["candidates"]))
+            if not os.path.exists(cache):
+                t_point = time.time() - t0
+                common.write_json(cache, [dec, train_dec, guided, t_point])
             point = {"variant": variant["name"], "rollouts": n, "decision_accuracy": dec,
                      "train_decision_accuracy": train_dec,
                      "guided_accuracy": guided[f"qsharp/eta={e_curve:g}"]["accuracy"],
-                     "guided_kl_seq": guided[f"qsharp/eta={e_curve:g}"]["kl_seq"], "wall_s": time.time() - t0}
+                     "guided_kl_seq": guided[f"qsharp/eta={e_curve:g}"]["kl_seq"], "eval_wall_s": t_point,
+                     "train_wall_s": _train_wall(wd)}
             curve.append(point)
             print(f"[star_graph {gname}] critic {variant['name']} n={n}: {point}", flush=True)
             partial(res)
@@ -525,16 +550,18 @@ def _write_markdown(cfg: dict, results: dict, out: str) -> None:
                   "(per sequence, per token):", "",
                   common.markdown_table(["method", "setting", "accuracy", "KL/seq", "KL/token"], _table_rows(gr)), ""]
         if gr.get("curve"):
-            lines += ["Critic learning curve (Q♯ Bernoulli critic, one round of π_ref roll-outs on training graphs; "
+            lines += ["Critic learning curve (Bernoulli critics, Q-type = one output per next token, V-type = value "
+                      "read at the candidate's slot; one round of π_ref roll-outs on training graphs; "
                       f"pool success rate {gr['pool']['success_rate']:.3f}). *decision acc.* = on test graphs, the arm "
                       "start with the highest predicted success is the true n1 (train: the same on 512 training "
                       f"graphs); *Q♯ acc.* = Q♯-guided accuracy at η = {cfg['curve']['eval_eta']:g}:", "",
                       common.markdown_table(
                           ["critic (init/labels)", "roll-outs", "decision acc. (test)", "decision acc. (train)",
-                           "Q♯ acc.", "Q♯ KL/seq", "wall (s)"],
+                           "Q♯ acc.", "Q♯ KL/seq", "critic training wall (s)"],
                           [[p["variant"], p["rollouts"], f"{p['decision_accuracy']:.3f}",
                             f"{p['train_decision_accuracy']:.3f}", f"{p['guided_accuracy']:.3f}",
-                            f"{p['guided_kl_seq']:.3f}", f"{p['wall_s']:.0f}"] for p in gr["curve"]]), ""]
+                            f"{p['guided_kl_seq']:.3f}", "—" if p.get("train_wall_s") is None else f"{p['train_wall_s']:.0f}"]
+                           for p in gr["curve"]]), ""]
         lines += ["Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in gr["stage_wall_s"].items()), ""]
     lines += [_SETTINGS_NOTE, ""]
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -543,8 +570,9 @@ def _write_markdown(cfg: dict, results: dict, out: str) -> None:
 
 _SETTINGS_NOTE = """Differences from the paper (Q♯ §3.1, App. C): a 3-layer width-64 transformer (≈ 0.16M
 parameters) trained from scratch instead of GPT-2 small/medium; G(2,3,20) instead of G(2,5,50)/G(5,5)/G(3,8)
-(on this CPU the reference does not reach the plateau on G(2,5,50) within minutes); pretraining on the
-first 500 × 128 samples of 50k training graphs instead of 200k graphs × 30 epochs; a test set of 1,000
+(on this CPU the reference does not reach the plateau on G(2,5,50) within minutes); pretraining for 500
+steps × batch 128 (≈ 1.3 epochs of 50k training graphs) instead of 200k graphs × 30 epochs; critics
+trained 300 steps × batch 128 instead of 10 epochs over 200k pairs; a test set of 1,000
 instead of 20k graphs; the critic trained on π_ref roll-outs (one round, no DAgger roll-in) instead of
 balanced (ground truth, failed sample) pairs; decoding without top-k (the paper: top-k 10), so every KL is
 to the untruncated π_ref; one seed. The Q♯ paper's "CD" on the star graph is log p (FUDGE); here CD is

@@ -213,6 +213,7 @@ def validate(cfg, check_paths: bool = True) -> None:
         return
     data = require(cfg, "distill.data", lambda v: v in DATA_SOURCES, f"use one of {DATA_SOURCES}.")
     sharding.layout_rules(cfg, "distill.teacher_sharding")
+    vocab_tile(cfg, 0)  # a tile size the objective or teacher cannot use is an error before anything runs
     if cfg.distill.get("teacher_hf_path", ""):  # a Hugging Face teacher sharing the student's tokenizer
         if cfg.distill.get("teacher_from", ""):
             raise ConfigError("set one of `distill.teacher_from` and `distill.teacher_hf_path`, not both.")
@@ -282,6 +283,49 @@ def lm_distill_loss(model, batch, rng, *, objective, hparams):
     return loss, out
 
 
+# Distillation objectives whose loss is a per-token divergence summed over the vocabulary: with
+# `distill.vocab_tile` they run from hidden states by tiles (`divergences.*_from_hidden`).
+TILED_DIVERGENCES = {"fkl": ("forward_kl_from_hidden", ()), "rkl": ("reverse_kl_from_hidden", ()),
+                     "jsd": ("generalized_jsd_from_hidden", ("beta",)), "skl": ("skew_kl_from_hidden", ("alpha",)),
+                     "srkl": ("skew_reverse_kl_from_hidden", ("alpha",)),
+                     "tvd": ("total_variation_from_hidden", ())}
+VOCAB_TILE_AUTO = 8192  # tile size of `distill.vocab_tile = -1` once V >= 4 tiles
+
+
+def vocab_tile(cfg, vocab_size: int) -> int:
+    """Tile size of the distillation loss (0 = dense logits): `distill.vocab_tile` > 0 as given; -1 (auto)
+    tiles of 8192 when V >= 32768, the teacher is a model and the objective is a tiled divergence
+    with its default token-mean reduction and no τ² scaling."""
+    d, o = cfg.distill, cfg.objective
+    tile = int(d.get("vocab_tile", -1))
+    supported = (o.name in TILED_DIVERGENCES and d.get("teacher_from", "") != "source"
+                 and o.get("reduction", "token_mean") == "token_mean" and not o.get("tau_squared", False))
+    if tile > 0 and not supported:
+        raise ConfigError(f"config field `distill.vocab_tile` = {tile}: the tiled loss covers objectives "
+                          f"{sorted(TILED_DIVERGENCES)} with reduction='token_mean', no tau_squared, and a teacher "
+                          "model (not 'source'); set distill.vocab_tile=0 (dense logits).")
+    if tile == -1:
+        return VOCAB_TILE_AUTO if supported and vocab_size >= 4 * VOCAB_TILE_AUTO else 0
+    return max(tile, 0)
+
+
+def lm_distill_loss_tiled(model, batch, rng, teacher_unembedding, *, name, hparams, chunk_size):
+    """The divergence of `TILED_DIVERGENCES[name]` (token mean over `loss_mask`) from the student's and
+    the teacher's hidden states, by vocabulary tiles: no `[B, T, V]` logits of either model exist."""
+    from kljax import divergences as dv
+    from kljax.objectives.distill import reduce
+    del rng
+    fn_name, keys = TILED_DIVERGENCES[name]
+    h = model.hidden(batch["tokens"], positions=batch["positions"], valid=batch["valid"])
+    w = model.unembedding()[:, :teacher_unembedding.shape[1]]  # aligned vocabulary (padding rows dropped)
+    mask = batch["loss_mask"]
+    kw = {k: hparams[k] for k in keys if k in hparams}
+    per_token = getattr(dv, fn_name)(batch["teacher_hidden"], teacher_unembedding, h, w, mask,
+                                     temperature=float(hparams.get("temperature", 1.0)), chunk_size=chunk_size, **kw)
+    loss = reduce(per_token, mask, "token_mean")  # the dense objective's reduction
+    return loss, {"kl": loss} if name == "fkl" else {}
+
+
 class _Teacher:
     """Teacher next-token log-probs `[B, T, V]` for token sequences, and a sampler (sequence KD)."""
 
@@ -304,6 +348,9 @@ class _Teacher:
             graphdef, st = nnx.split(self.model)
             fwd = jax.jit(lambda st, t, p, v: nnx.merge(graphdef, st)(t, positions=p, valid=v))
             self._fwd = lambda t, p, v: fwd(st, t, p, v)
+            hid = jax.jit(lambda st, t, p, v: nnx.merge(graphdef, st).hidden(t, positions=p, valid=v))
+            self._hidden = lambda t, p, v: hid(st, t, p, v)
+            self._unembedding = lambda: jax.jit(lambda st: nnx.merge(graphdef, st).unembedding())(st)
 
     def _from_hf(self, cfg, task, mesh):
         """Teacher = `distill.teacher_hf_path`, a Hugging Face folder whose tokenizer is the student's.
@@ -335,10 +382,22 @@ class _Teacher:
         n, self.params = self.vocab, params
         fwd = jax.jit(lambda params, rest, t, p, v: nnx.merge(graphdef, params, rest)(t, positions=p, valid=v)[..., :n])
         self._fwd = lambda t, p, v: fwd(params, rest, t, p, v)
+        hid = jax.jit(lambda params, rest, t, p, v: nnx.merge(graphdef, params, rest).hidden(t, positions=p, valid=v))
+        self._hidden = lambda t, p, v: hid(params, rest, t, p, v)
+        self._unembedding = lambda: jax.jit(lambda params, rest: nnx.merge(graphdef, params, rest).unembedding()[:, :n])(
+            params, rest)
 
     def logits(self, b: dict) -> np.ndarray:
         """Host log-probs of the 'source' teacher (synthetic_lm's true distribution) for numpy rows."""
         return self.task.true_logprobs(b["tokens"], smoothing=self.smoothing)
+
+    def device_hidden(self, b: dict) -> jax.Array:
+        """A teacher model's final hidden states `[B, T, D_teacher]` (the vocabulary-tiled losses' input)."""
+        return self._hidden(b["tokens"], b["positions"], b["valid"])
+
+    def unembedding(self) -> jax.Array:
+        """The teacher's `[D_teacher, V]` output projection (aligned vocabulary), computed once."""
+        return self._unembedding()
 
     def device_logits(self, b: dict) -> jax.Array:
         """A teacher model's float32 logits `[B, T, V]` for a batch of arrays on the mesh (the batch's
@@ -373,8 +432,9 @@ class _DistillData:
     would have.
     """
 
-    def __init__(self, cfg, task, teacher, loader, mesh):
+    def __init__(self, cfg, task, teacher, loader, mesh, tiled: bool = False):
         self.cfg, self.task, self.teacher, self.loader, self.mesh = cfg, task, teacher, loader, mesh
+        self.tiled = tiled  # batches carry the teacher's hidden states instead of its logits
         self.data = cfg.distill.data
         self.temperature = float(cfg.distill.get("temperature", 1.0))
         self.key = jax.random.PRNGKey(int(cfg.seed) + 1)
@@ -460,7 +520,10 @@ class _DistillData:
             b["teacher_logits"] = self.teacher.logits(b).astype(np.float32)
             return sharding.shard_batch(b, self.mesh), which
         dev = sharding.shard_batch(b, self.mesh)
-        dev["teacher_logits"] = self.teacher.device_logits(dev)  # never through the host
+        if self.tiled:  # the vocabulary-tiled loss streams the teacher's logits from its hidden states
+            dev["teacher_hidden"] = self.teacher.device_hidden(dev)
+        else:
+            dev["teacher_logits"] = self.teacher.device_logits(dev)  # never through the host
         return dev, which
 
 
@@ -509,10 +572,18 @@ def run(cfg, workdir: str):
     from kljax.train import setup as setup_lib
     task, mesh, ts = setup_lib.setup(cfg)
     teacher = _Teacher(cfg, task, mesh)
-    train_step = common.make_step(functools.partial(lm_distill_loss, objective=objective, hparams=hparams),
-                                  cfg, mesh, ts)
+    tile = vocab_tile(cfg, int(getattr(teacher, "vocab", 0) or task.vocab_size))
+    if tile:  # the teacher's unembedding is a step argument, not a constant baked into the program
+        w_teacher = teacher.unembedding()
+        loss = functools.partial(lm_distill_loss_tiled, name=cfg.objective.name, hparams=hparams, chunk_size=tile)
+        step = state_lib.make_train_step(loss, mesh, state_lib.state_sharding(ts), schedule=common.schedule(cfg),
+                                         extra_shardings=w_teacher.sharding)
+        train_step = lambda ts, b: step(ts, b, w_teacher)  # noqa: E731
+    else:
+        train_step = common.make_step(functools.partial(lm_distill_loss, objective=objective, hparams=hparams),
+                                      cfg, mesh, ts)
     loader = make_loader(task.data_source("train", common.data_dir(cfg)), int(cfg.batch_size), seed=int(cfg.seed))
-    data = _DistillData(cfg, task, teacher, loader, mesh)
+    data = _DistillData(cfg, task, teacher, loader, mesh, tiled=bool(tile))
     codes = {"dataset": 0.0, "student": 1.0, "teacher": 2.0, "replay": 3.0}
 
     def step_fn(ts, raw):

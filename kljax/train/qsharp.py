@@ -162,9 +162,17 @@ def collect_round(ref_model, critic, task, records: dict, key, *, eta, kind, ato
 
 
 def critic_loss(model, batch, rng, *, objective, hparams):
-    """Critic loss on aggregated roll-outs: objective(critic outputs, next tokens, returns, mask)."""
-    out = critic_outputs(model, batch["tokens"], batch["positions"], batch["valid"])
-    loss, m = objective(out[:, :-1], batch["tokens"][:, 1:], batch["returns"], batch["mask"][:, :-1], **hparams)
+    """Critic loss on aggregated roll-outs: objective(critic outputs, next tokens, returns, mask).
+
+    A TransformerLM critic is read only at the taken next tokens (`values_at`): the loss needs nothing
+    else, so the `[B, T, V]` outputs of its token head are never formed."""
+    toks, nxt = batch["tokens"], batch["tokens"][:, 1:]
+    if hasattr(model, "values_at"):
+        h = model.hidden(toks, positions=batch["positions"], valid=batch["valid"])[:, :-1]
+        out, taken = model.values_at(h, nxt), None
+    else:
+        out, taken = critic_outputs(model, toks, batch["positions"], batch["valid"])[:, :-1], nxt
+    loss, m = objective(out, taken, batch["returns"], batch["mask"][:, :-1], **hparams)
     return loss, dict(m)
 
 
