@@ -101,7 +101,7 @@ def main(argv=None):
 
     import bench_rl_step
     from kljax import sampling
-    from kljax.train import common, rl
+    from kljax.train import common, rl, setup as setup_lib
     from kljax.train import state as state_lib
 
     rows = []
@@ -117,9 +117,9 @@ def main(argv=None):
     # kljax's own update step and reference pass, built as the RL loop builds them.
     cfg = bench_rl_step._kljax_config(folder, 1)
     common.validate(cfg)
-    task = common.build_task(cfg)
-    mesh = common.build_mesh(cfg)
-    ts = common.create_state(cfg, mesh, task)
+    task = setup_lib.build_task(cfg)
+    mesh = setup_lib.build_mesh(cfg)
+    ts = setup_lib.create_state(cfg, mesh, task)
     rng = np.random.default_rng(0)
     seq = jnp.asarray(rng.integers(0, W["vocab"], (ROWS, P + N)), jnp.int32)
     valid = jnp.ones((ROWS, P + N), jnp.int32)
@@ -128,7 +128,7 @@ def main(argv=None):
              "ref_logp": jnp.full((ROWS, N), -np.log(W["vocab"]), jnp.float32),
              "rewards": jnp.asarray(rng.random(ROWS), jnp.float32)}
     step = state_lib.make_train_step(rl.make_rl_loss(cfg, P, W["group"]), mesh, state_lib.state_sharding(ts),
-                                     schedule=common.schedule(cfg))
+                                     schedule=setup_lib.schedule(cfg))
     xla_update = _xla_flops(step, ts, batch)
     holder = {"ts": ts}
 

@@ -12,7 +12,6 @@ from flax import nnx
 from kljax import tasks
 from kljax.config import ConfigError
 from kljax.models import TransformerLM, lm_config
-from kljax.tasks import base as task_base
 from kljax.train import preference, qsharp
 
 TASK = tasks.get("star_graph", degree=2, path_len=3, num_nodes=8, train_size=32, test_size=16)
@@ -183,7 +182,7 @@ def test_config_errors(tmp_path):
 
 @pytest.mark.slow
 def test_qsharp_end_to_end_and_resume(tmp_path):
-    from kljax.train import common, sft
+    from kljax.train import metrics, sft
     ref_cfg = _cfg(tmp_path, loop="sft")
     sft.run(ref_cfg, str(tmp_path / "ref"))
     cfg = _cfg(tmp_path, init_from=str(tmp_path / "ref"))
@@ -198,7 +197,7 @@ def test_qsharp_end_to_end_and_resume(tmp_path):
     # rerunning finds the finished run: nothing is retrained, the same evaluation comes back
     ev2 = qsharp.run(cfg, work)
     assert ev2["eval/qsharp/eta=0.1/accuracy"] == ev["eval/qsharp/eta=0.1/accuracy"]
-    recs = [r for r in common.metrics_lib.read_metrics(work) if "loss" in r]
+    recs = [r for r in metrics.read_metrics(work) if "loss" in r]
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
 
 

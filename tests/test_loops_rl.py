@@ -12,7 +12,7 @@ from flax import nnx
 from kljax.models import TransformerLM, lm_config
 from kljax.sampling import generate
 from kljax.tasks.star_graph import StarGraph
-from kljax.train import common, metrics, rl, sft
+from kljax.train import common, metrics, rl, runs as runs_lib, sequences as seq_lib, setup as setup_lib, sft
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SG = os.path.join(REPO, "experiments", "star_graph.py")
@@ -25,7 +25,7 @@ def test_completion_logp_matches_sampler_logp():
     valid = jnp.array([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]], jnp.int32)
     out = generate(model, prompts, valid, jax.random.PRNGKey(1), 5, eos_id=10, temperature=1.0)
     full_valid = jnp.concatenate([valid, out.mask], axis=1)
-    logp, logits = common.completion_logp(model, out.sequences, full_valid, prompts.shape[1])
+    logp, logits = seq_lib.completion_logp(model, out.sequences, full_valid, prompts.shape[1])
     m = np.asarray(out.mask) > 0
     np.testing.assert_allclose(np.asarray(logp)[m], np.asarray(out.logp)[m], atol=1e-4)
     assert logits.shape == (2, 5, 11)
@@ -134,8 +134,8 @@ def test_rl_runs_end_to_end(pretrained, variant, extra, monkeypatch):
         assert any("kd" in k for k in recs[0]), sorted(recs[0])
     if variant == "grpo" and not extra:
         # The policy moved away from the reference; the reference (init) params are untouched.
-        ts, _ = common.load_state_from(wd, common.build_mesh(cfg))
-        ref, _ = common.load_state_from(str(root / "pre"), common.build_mesh(cfg))
+        ts, _ = runs_lib.load_state_from(wd, setup_lib.build_mesh(cfg))
+        ref, _ = runs_lib.load_state_from(str(root / "pre"), setup_lib.build_mesh(cfg))
         diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), ts.params, ref.params))
         assert max(diffs) > 0
 

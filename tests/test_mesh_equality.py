@@ -82,8 +82,8 @@ def _run(cfg, workdir, mesh_cfg, one_device=False, final_eval=False):
 
     cfg = cfg.copy_and_resolve_references()
     cfg.mesh.update(mesh_cfg)
-    for mod in (common, setup):  # loops call these modules' build_mesh and run_loop
-        mod.build_mesh = (lambda c: shd.make_mesh(c.mesh, jax.devices()[:1])) if one_device else _ORIGINAL["mesh"]
+    # Loops call `setup.build_mesh` and `driver.run_loop` through their modules: swap them for this run.
+    setup.build_mesh = (lambda c: shd.make_mesh(c.mesh, jax.devices()[:1])) if one_device else _ORIGINAL["mesh"]
     final = {}
 
     def run_loop(cfg, workdir, *, state, step_fn, eval_fn=None, **kw):
@@ -94,12 +94,12 @@ def _run(cfg, workdir, mesh_cfg, one_device=False, final_eval=False):
         return _ORIGINAL["run_loop"](cfg, workdir, state=state, step_fn=step, eval_fn=eval_fn if final_eval else None,
                                      **kw)
 
-    common.run_loop = driver.run_loop = run_loop
+    driver.run_loop = run_loop
     common.validate(cfg)
     common.loop_module(cfg).run(cfg, workdir)
     st = final["state"]
     params = (st.train if hasattr(st, "train") else st).params
-    first = common.build_mesh(cfg).devices.flat[0]
+    first = setup.build_mesh(cfg).devices.flat[0]
     held = sum(s.data.nbytes for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards
                if s.device == first)
     params = multihost_utils.process_allgather(params, tiled=True)

@@ -241,7 +241,7 @@ def test_ppo_with_a_separate_critic_against_reward_model(rm_run, user):
         for k in ("loss", "value_loss", "critic/grad_norm", "objective/kl", "reward"):
             assert np.isfinite(r[k]), k
     assert m[1]["critic/learning_rate"] == pytest.approx(1e-3)
-    ts, cfg = common.load_state_from(wd, common.build_mesh(common.read_config(wd)))
+    ts, cfg = runs_lib.load_state_from(wd, setup_lib.build_mesh(runs_lib.read_config(wd)))
     assert cfg.rl.critic == "separate" and not any("value_" in jax.tree_util.keystr(p)
                                                    for p, _ in jax.tree_util.tree_flatten_with_path(ts.params)[0])
 

@@ -1,8 +1,12 @@
 """Training machinery shared by every loop: mesh and sharding (`sharding`), train state and step
-(`state`), checkpoints (`checkpoint`), metrics (`metrics`); the loops are `sft`, `rl`, `distill`,
-`qsharp`. Import submodules explicitly: `from kljax.train import sharding, state, checkpoint, metrics`.
+(`state`), checkpoints (`checkpoint`), metrics (`metrics`); what loops build from a config (`setup`:
+`setup(cfg)` gives the task, mesh and policy state), other runs' checkpoints (`runs`), completion
+forward passes (`sequences`), generation evaluation (`evaluation`), the step-loop driver (`driver`:
+`run_loop`), and the loop registry with shared config checks (`common`). The loops are `sft`, `rl`,
+`distill`, `qsharp`, `preference`, `reward_model` and `pipeline`. Import submodules explicitly:
+`from kljax.train import sharding, state, checkpoint, metrics`.
 
-The shape of a loop (what makes kill-and-resume exact)::
+The shape of a loop (what `driver.run_loop` does, and what makes kill-and-resume exact)::
 
     sharding.initialize_distributed_from_env()            # first, before other JAX use
     mesh = sharding.make_mesh(cfg.mesh)

@@ -1,9 +1,9 @@
 """The loop registry and the config checks every loop shares.
 
 What loops share lives in modules named for it: `setup` (task, model, mesh, state and step from a
-config), `runs` (another run's config and checkpoint: reference, teacher, initialization),
-`sequences` (forward passes over prompt + completion), `evaluation` (generation eval) and `driver`
-(`run_loop`). Their names stay importable from here while code moves to the new modules.
+config, `setup(cfg)`), `runs` (another run's config and checkpoint: reference, teacher,
+initialization), `sequences` (forward passes over prompt + completion), `evaluation` (generation
+eval) and `driver` (`run_loop`).
 
 Config schema (top-level fields; loops read what they need):
 
@@ -32,6 +32,7 @@ import ml_collections
 
 from kljax.config import ConfigError, require
 from kljax.train import sharding as shd, state as state_lib
+from kljax.train.setup import build_mesh, build_task, model_config, optim_config
 
 # loop name -> module implementing `run(cfg, workdir) -> dict` and optionally `validate(cfg)`.
 LOOP_MODULES = {
@@ -169,22 +170,3 @@ def validate(cfg: Any, check_paths: bool = True) -> None:
     if cfg.get("loop", "") != "pipeline":
         from kljax.train import preflight
         preflight.check_objective_hparams(cfg)
-
-# Moved to modules named for what they hold; these names stay importable from here.
-from kljax.train.setup import (  # noqa: E402,F401
-    task_kwargs, hf_path, build_task, data_dir, model_config, hf_model_config, build_mesh, optim_config, create_state, schedule, make_step, ShardedIterator,
-)
-from kljax.train.runs import (  # noqa: E402,F401
-    read_config, check_run_exists, load_state_from, _restore_train_part, load_model_from, init_params_from, merge_params,
-)
-from kljax.train.sequences import (  # noqa: E402,F401
-    _completion_logits, completion_logits, completion_logp, completion_logp_entropy_tiled, model_logits,
-)
-from kljax.train.evaluation import (  # noqa: E402,F401
-    _test_records, _Prefix, test_records, _chunks, _place, _to_host, evaluate_generation, eval_settings, make_generation_eval,
-)
-from kljax.train.driver import (  # noqa: E402,F401
-    EVAL_FILE, checkpoint_manager, _step_of, write_eval, read_eval, run_loop, _fetch_checked, _finished_results, Interrupted,
-)
-from kljax.models import positions_from_valid  # noqa: E402,F401
-from kljax.train import metrics as metrics_lib  # noqa: E402,F401

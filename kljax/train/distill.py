@@ -109,16 +109,16 @@ def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
 
 def _model_config_of(wcfg, model_key: str) -> ml_collections.ConfigDict:
     from kljax.models import classifier_config
-    from kljax.train import common
+    from kljax.train import setup as setup_lib
     d = wcfg[model_key].to_dict()
     d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
     if "num_classes" in d:
         return classifier_config(**d)
     if model_key == "model":
-        return common.model_config(wcfg)
+        return setup_lib.model_config(wcfg)
     sub = ml_collections.ConfigDict(wcfg.to_dict())
     sub.model = d
-    return common.model_config(sub)
+    return setup_lib.model_config(sub)
 
 
 def load_model(workdir: str, field: str, model_key: str = "model", **overrides) -> nnx.Module:
@@ -199,7 +199,7 @@ def exact_kl_metrics(student_logits, teacher_logits, mask) -> dict:
 
 def validate(cfg, check_paths: bool = True) -> None:
     """Raise `ConfigError` naming the field and the fix for a distill config that cannot run."""
-    from kljax.train import common
+    from kljax.train import common, runs as runs_lib
     check_objective(cfg, "distill")
     require(cfg, "distill", lambda v: v is not None, "add a `distill` ConfigDict (teacher_from, data, lam, ...).")
     name = cfg.objective.name
@@ -226,7 +226,7 @@ def validate(cfg, check_paths: bool = True) -> None:
             raise ConfigError(f"config field `distill.teacher_from` = 'source' needs task.name='synthetic_lm' "
                               f"(the only task with a known source distribution); got {cfg.task.name!r}.")
         if check_paths and teacher != "source":
-            common.check_run_exists(teacher, "distill.teacher_from")
+            runs_lib.check_run_exists(teacher, "distill.teacher_from")
     if data == "student":
         require(cfg, "distill.lam", lambda v: 0.0 <= v <= 1.0, "GKD's λ is a probability in [0, 1].")
     if name == "minillm":
@@ -330,7 +330,7 @@ class _Teacher:
     """Teacher next-token log-probs `[B, T, V]` for token sequences, and a sampler (sequence KD)."""
 
     def __init__(self, cfg, task, mesh=None):
-        from kljax.train import common
+        from kljax.train import runs as runs_lib, setup as setup_lib
         spec = cfg.distill.get("teacher_from", "")
         self.task = task
         if cfg.distill.get("teacher_hf_path", ""):
@@ -339,8 +339,8 @@ class _Teacher:
             self.model = None
             self.smoothing = float(cfg.distill.get("teacher_smoothing", 0.0))
         else:
-            common.check_run_exists(spec, "distill.teacher_from")
-            self.model = common.load_model_from(spec, mesh or common.build_mesh(cfg),
+            runs_lib.check_run_exists(spec, "distill.teacher_from")
+            self.model = runs_lib.load_model_from(spec, mesh or setup_lib.build_mesh(cfg),
                                                 rules=sharding.layout_rules(cfg, "distill.teacher_sharding"))
             if self.model.vocab_size != task.vocab_size:
                 raise ConfigError(f"config field `distill.teacher_from` = {spec!r}: teacher vocabulary "
@@ -360,7 +360,7 @@ class _Teacher:
         (both distributions renormalized there); anything else is a `ConfigError` naming both sizes."""
         from kljax.models import aligned_vocab_size, from_hf
         from kljax.models.tokenizer import has_tokenizer, load_tokenizer
-        from kljax.train import common
+        from kljax.train import setup as setup_lib
         path = cfg.distill.teacher_hf_path
         if not os.path.exists(os.path.join(path, "config.json")):
             raise ConfigError(f"config field `distill.teacher_hf_path` = {path!r}: no config.json there.")
@@ -371,13 +371,13 @@ class _Teacher:
                 raise ConfigError(f"config field `distill.teacher_hf_path` = {path!r}: the teacher's tokenizer "
                                   f"({theirs.vocab_size} ids) is not the student's ({tok.vocab_size} ids); "
                                   "distillation needs a shared tokenizer.")
-        mc = common.model_config(cfg, task)
+        mc = setup_lib.model_config(cfg, task)
         self.model = from_hf(path, dtype=mc.dtype, param_dtype=mc.param_dtype)
         try:
             self.vocab = aligned_vocab_size(self.model.vocab_size, mc.vocab_size, task.vocab_size)
         except ValueError as e:
             raise ConfigError(f"config field `distill.teacher_hf_path` = {path!r}: {e}") from None
-        graphdef, params, rest = state_lib.shard_model(self.model, mesh or common.build_mesh(cfg),
+        graphdef, params, rest = state_lib.shard_model(self.model, mesh or setup_lib.build_mesh(cfg),
                                                        sharding.layout_rules(cfg, "distill.teacher_sharding"))
         n, self.params = self.vocab, params
         fwd = jax.jit(lambda params, rest, t, p, v: nnx.merge(graphdef, params, rest)(t, positions=p, valid=v)[..., :n])
@@ -529,9 +529,9 @@ class _DistillData:
 
 def make_lm_kl_eval(cfg, task, teacher, mesh):
     """`eval_fn(ts)`: exact KL to the teacher (and, for synthetic_lm, to the true source) on test
-    sequences, plus generation metrics of the student (`common.evaluate_generation`)."""
-    from kljax.train import common
-    test = common.test_records(cfg, task)
+    sequences, plus generation metrics of the student (`eval_lib.evaluate_generation`)."""
+    from kljax.train import evaluation as eval_lib
+    test = eval_lib.test_records(cfg, task)
     host = sequence_batch(test["prompt"], test["prompt_valid"], test["target"], test["target_valid"])
     # Every process holds the whole (small) test set: replicate it on the mesh.
     put = functools.partial(jax.device_put, device=sharding.replicated(mesh))
@@ -545,7 +545,7 @@ def make_lm_kl_eval(cfg, task, teacher, mesh):
         return exact_kl_metrics(logits[..., :target.shape[-1]], target, mask)
 
     key = jax.random.PRNGKey(int(cfg.seed) + 12345)
-    settings = common.eval_settings(cfg)
+    settings = eval_lib.eval_settings(cfg)
 
     def eval_fn(ts):
         model = ts.model()
@@ -554,7 +554,7 @@ def make_lm_kl_eval(cfg, task, teacher, mesh):
         out = {f"eval/{k}": float(v) for k, v in kl(g, st, *args, t_logits, b["loss_mask"]).items()}
         if true is not None:
             out["eval/source_fkl"] = float(kl(g, st, *args, true, b["loss_mask"])["fkl"])
-        out.update(common.evaluate_generation(model, task, test, key, mesh=mesh, **settings))
+        out.update(eval_lib.evaluate_generation(model, task, test, key, mesh=mesh, **settings))
         return out
 
     return eval_fn
@@ -563,26 +563,25 @@ def make_lm_kl_eval(cfg, task, teacher, mesh):
 def run(cfg, workdir: str):
     """Run the `distill` loop described by `cfg` in `workdir`; returns the final eval metrics."""
     from kljax.data import make_loader
-    from kljax.train import common
+    from kljax.train import driver, setup as setup_lib
     validate(cfg)
     if cfg.task.name == "digits":
         return run_classifier_kd(cfg, workdir)
     objective = check_objective(cfg, "distill")
     hparams = objective_hparams(cfg)
-    from kljax.train import setup as setup_lib
     task, mesh, ts = setup_lib.setup(cfg)
     teacher = _Teacher(cfg, task, mesh)
     tile = vocab_tile(cfg, int(getattr(teacher, "vocab", 0) or task.vocab_size))
     if tile:  # the teacher's unembedding is a step argument, not a constant baked into the program
         w_teacher = teacher.unembedding()
         loss = functools.partial(lm_distill_loss_tiled, name=cfg.objective.name, hparams=hparams, chunk_size=tile)
-        step = state_lib.make_train_step(loss, mesh, state_lib.state_sharding(ts), schedule=common.schedule(cfg),
+        step = state_lib.make_train_step(loss, mesh, state_lib.state_sharding(ts), schedule=setup_lib.schedule(cfg),
                                          extra_shardings=w_teacher.sharding)
         train_step = lambda ts, b: step(ts, b, w_teacher)  # noqa: E731
     else:
-        train_step = common.make_step(functools.partial(lm_distill_loss, objective=objective, hparams=hparams),
+        train_step = setup_lib.make_step(functools.partial(lm_distill_loss, objective=objective, hparams=hparams),
                                       cfg, mesh, ts)
-    loader = make_loader(task.data_source("train", common.data_dir(cfg)), int(cfg.batch_size), seed=int(cfg.seed))
+    loader = make_loader(task.data_source("train", setup_lib.data_dir(cfg)), int(cfg.batch_size), seed=int(cfg.seed))
     data = _DistillData(cfg, task, teacher, loader, mesh, tiled=bool(tile))
     codes = {"dataset": 0.0, "student": 1.0, "teacher": 2.0, "replay": 3.0}
 
@@ -596,7 +595,7 @@ def run(cfg, workdir: str):
         return ts, m
 
     eval_fn = make_lm_kl_eval(cfg, task, teacher, mesh)
-    return common.run_loop(cfg, workdir, state=ts, step_fn=step_fn, batches=data, eval_fn=eval_fn,
+    return driver.run_loop(cfg, workdir, state=ts, step_fn=step_fn, batches=data, eval_fn=eval_fn,
                            bar_keys=("loss", "kl"))
 
 
@@ -627,8 +626,8 @@ def train_classifier(model_cfg, task, cfg, steps: int, seed: int, mesh, workdir:
     """Cross-entropy training of a digits classifier (the KD teacher); checkpointed in `workdir` if given,
     so a resumed KD run reuses the finished teacher."""
     from kljax.data import make_loader
-    from kljax.train import common
-    ocfg = common.optim_config(cfg)
+    from kljax.train import setup as setup_lib
+    ocfg = setup_lib.optim_config(cfg)
     ocfg.update(total_steps=int(steps), warmup_steps=min(int(ocfg.get("warmup_steps", 0)), int(steps) - 1))
     tx, sched = state_lib.optimizer_from_config(ocfg), state_lib.schedule_from_config(ocfg)
     ts = state_lib.create_train_state(lambda rngs: model_from_config(model_cfg, rngs), tx, mesh, rng=seed)
@@ -640,7 +639,7 @@ def train_classifier(model_cfg, task, cfg, steps: int, seed: int, mesh, workdir:
             got = mgr.restore_latest(state_lib.abstract_state(ts))
             if got is not None and int(jax.device_get(got[0].step)) >= steps:
                 return got[0].model()
-        loader = make_loader(task.data_source("train", common.data_dir(cfg)), int(cfg.batch_size), seed=seed)
+        loader = make_loader(task.data_source("train", setup_lib.data_dir(cfg)), int(cfg.batch_size), seed=seed)
         for _ in range(int(steps)):
             b = next(loader)
             ts, _m = step_fn(ts, sharding.shard_batch({"image": b["image"], "label": b["label"]}, mesh))
@@ -659,36 +658,36 @@ def run_classifier_kd(cfg, workdir: str):
     Eval: test accuracy of student and teacher, exact KL(teacher‖student) and KL(student‖teacher).
     """
     from kljax.data import make_loader, read_all
-    from kljax.train import common
+    from kljax.train import driver, runs as runs_lib, setup as setup_lib
     objective = check_objective(cfg, "distill")
     hparams = objective_hparams(cfg)
-    task = common.build_task(cfg)
-    mesh = common.build_mesh(cfg)
+    task = setup_lib.build_task(cfg)
+    mesh = setup_lib.build_mesh(cfg)
     if cfg.distill.get("teacher_from", ""):
-        common.check_run_exists(cfg.distill.teacher_from, "distill.teacher_from")
+        runs_lib.check_run_exists(cfg.distill.teacher_from, "distill.teacher_from")
         teacher = load_model(cfg.distill.teacher_from, "distill.teacher_from",
                              model_key=cfg.distill.get("teacher_model_key", "model"))
     else:
         teacher = train_classifier(cfg.distill.teacher_model, task, cfg, int(cfg.distill.teacher_steps),
                                    int(cfg.seed) + 100, mesh, os.path.join(os.path.abspath(workdir), "teacher"))
-    test = read_all(task.data_source("test", common.data_dir(cfg)))
+    test = read_all(task.data_source("test", setup_lib.data_dir(cfg)))
     t_graph, t_state = nnx.split(teacher)
     t_fwd = jax.jit(lambda st, x: nnx.merge(t_graph, st)(x, deterministic=True))
     t_test = np.asarray(t_fwd(t_state, test["image"]))
     teacher_acc = float(np.mean(np.argmax(t_test, -1) == test["label"]))
 
-    tx = state_lib.optimizer_from_config(common.optim_config(cfg))
+    tx = state_lib.optimizer_from_config(setup_lib.optim_config(cfg))
     ts = state_lib.create_train_state(lambda rngs: model_from_config(cfg.model, rngs), tx, mesh, rng=int(cfg.seed))
-    train_step = common.make_step(functools.partial(classifier_kd_loss, objective=objective, hparams=hparams),
+    train_step = setup_lib.make_step(functools.partial(classifier_kd_loss, objective=objective, hparams=hparams),
                                   cfg, mesh, ts)
-    loader = make_loader(task.data_source("train", common.data_dir(cfg)), int(cfg.batch_size), seed=int(cfg.seed))
+    loader = make_loader(task.data_source("train", setup_lib.data_dir(cfg)), int(cfg.batch_size), seed=int(cfg.seed))
 
     def add_teacher(b):
         b = {"image": b["image"], "label": b["label"]}
         b["teacher_logits"] = np.asarray(t_fwd(t_state, b["image"]))
         return b
 
-    batches = common.ShardedIterator(loader, mesh, transform=add_teacher)
+    batches = setup_lib.ShardedIterator(loader, mesh, transform=add_teacher)
 
     def eval_fn(ts):
         s = np.asarray(ts.model()(test["image"], deterministic=True))
@@ -696,5 +695,5 @@ def run_classifier_kd(cfg, workdir: str):
         return {"eval/accuracy": float(np.mean(np.argmax(s, -1) == test["label"])),
                 "eval/teacher_accuracy": teacher_acc, "eval/fkl": float(kl["fkl"]), "eval/rkl": float(kl["rkl"])}
 
-    return common.run_loop(cfg, workdir, state=ts, step_fn=train_step, batches=batches, eval_fn=eval_fn,
+    return driver.run_loop(cfg, workdir, state=ts, step_fn=train_step, batches=batches, eval_fn=eval_fn,
                            bar_keys=("loss", "accuracy"))

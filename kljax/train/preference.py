@@ -86,10 +86,10 @@ def sample_rejected(ref_model, task, records: dict, key, *, max_tries: int, temp
 
 
 def _completion_token_logp(model, prompt, prompt_valid, completion, completion_valid):
-    from kljax.train import common
+    from kljax.train import sequences as seq_lib
     seq = jnp.concatenate([prompt, completion], axis=1)
     valid = jnp.concatenate([prompt_valid, completion_valid], axis=1)
-    logp, _ = common.completion_logp(model, seq, valid, prompt.shape[1])
+    logp, _ = seq_lib.completion_logp(model, seq, valid, prompt.shape[1])
     return logp
 
 
@@ -111,22 +111,22 @@ def preference_loss(model, batch, rng, *, objective, hparams):
 
 
 def validate(cfg, check_paths: bool = True) -> None:
-    from kljax.train import common
+    from kljax.train import common, runs as runs_lib, setup as setup_lib
     check_objective(cfg, "preference")
     common.validate_common(cfg)
-    if not common.hf_path(cfg):
+    if not setup_lib.hf_path(cfg):
         require(cfg, "init_from", lambda v: isinstance(v, str) and (v != "" or not check_paths),
                 "offline preference optimization starts from (and is regularized toward) a reference: set "
                 "init_from to the workdir of a pretrained LM, or model.hf_path to a Hugging Face folder.")
         if check_paths:
-            common.check_run_exists(cfg.init_from, "init_from")
+            runs_lib.check_run_exists(cfg.init_from, "init_from")
     source = require(cfg, "preference.pairs", lambda v: v in PAIR_SOURCES, f"use one of {PAIR_SOURCES}.",
                      default="reference_samples")
     require(cfg, "preference.num_pairs", lambda v: int(v) >= int(cfg.batch_size),
             "collect at least one batch of pairs (>= batch_size).")
     if source == "dataset":
         from kljax.train import reward_model
-        reward_model.check_task_has_pairs(cfg, common.build_task(cfg), "preference.pairs='dataset'")
+        reward_model.check_task_has_pairs(cfg, setup_lib.build_task(cfg), "preference.pairs='dataset'")
     else:
         require(cfg, "preference.max_tries", lambda v: int(v) >= 1, "use at least one try.")
 
@@ -265,10 +265,9 @@ def make_pair_eval(cfg, task, ref_model, mesh, loss_fn):
 
 def run(cfg, workdir: str):
     from kljax.data import make_loader, ArraySource
-    from kljax.train import common
+    from kljax.train import driver, evaluation as eval_lib, setup as setup_lib
     validate(cfg)
     from flax import nnx
-    from kljax.train import setup as setup_lib
     objective = check_objective(cfg, "preference")
     hparams = objective_hparams(cfg)
     task, mesh, ts = setup_lib.setup(cfg)  # init_from's params, else model.hf_path's: also the reference
@@ -290,7 +289,7 @@ def run(cfg, workdir: str):
     data = {k: v for k, v in pairs.items() if k != "keep"}
 
     loss_fn = functools.partial(preference_loss, objective=objective, hparams=hparams)
-    train_step = common.make_step(loss_fn, cfg, mesh, ts)
+    train_step = setup_lib.make_step(loss_fn, cfg, mesh, ts)
     # The shuffled order of the kept pairs is drawn once for the global batch, identically on every process.
     loader = make_loader(ArraySource({"index": kept}), int(cfg.batch_size), seed=int(cfg.seed), shard_index=0,
                          shard_count=1)
@@ -299,7 +298,7 @@ def run(cfg, workdir: str):
     replicated = shd.replicated(mesh)
     batches = _GatheredBatches(loader, lambda idx: select_rows(data, jax.device_put(idx, replicated)))
     eval_fn = (make_pair_eval(cfg, task, ref_model, mesh, loss_fn) if from_dataset else
-               common.make_generation_eval(cfg, task, mesh, ref_model=ref_model))
+               eval_lib.make_generation_eval(cfg, task, mesh, ref_model=ref_model))
 
     def step_fn(ts, batch):
         ts, m = train_step(ts, batch)
@@ -307,5 +306,5 @@ def run(cfg, workdir: str):
         m["pairs"] = float(len(kept))
         return ts, m
 
-    return common.run_loop(cfg, workdir, state=ts, step_fn=step_fn, batches=batches, eval_fn=eval_fn,
+    return driver.run_loop(cfg, workdir, state=ts, step_fn=step_fn, batches=batches, eval_fn=eval_fn,
                            bar_keys=("loss", "rewards/accuracies", "rewards/margins"))

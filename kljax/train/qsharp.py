@@ -273,7 +273,7 @@ def atoms_of(cfg):
 
 def validate(cfg, check_paths: bool = True) -> None:
     """Raise `ConfigError` naming the field and the fix for a qsharp config that cannot run."""
-    from kljax.train import common
+    from kljax.train import common, runs as runs_lib, setup as setup_lib
     check_objective(cfg, "value")
     common.validate_common(cfg)
     name = cfg.objective.name
@@ -286,18 +286,18 @@ def validate(cfg, check_paths: bool = True) -> None:
     if name == "qsharp_bce" and atoms != 1:
         raise ConfigError(f"config field `model.num_atoms` = {atoms} is invalid: qsharp_bce is the Bernoulli critic "
                           "(one logit per token); use num_atoms=1 or objective qsharp_histogram.")
-    if not common.hf_path(cfg):  # else the model.hf_path checkpoint is π_ref (and the critic's trunk)
+    if not setup_lib.hf_path(cfg):  # else the model.hf_path checkpoint is π_ref (and the critic's trunk)
         require(cfg, "init_from", lambda v: isinstance(v, str) and (v != "" or not check_paths),
                 "Q♯ needs the reference policy π_ref: set init_from to the workdir of a pretrained LM "
                 "(e.g. runs/star_pretrain), or model.hf_path to a Hugging Face folder.")
         if check_paths:
-            common.check_run_exists(cfg.init_from, "init_from")
+            runs_lib.check_run_exists(cfg.init_from, "init_from")
     q = require(cfg, "qsharp", lambda v: v is not None, "add a `qsharp` ConfigDict.")
     require(q, "rounds", lambda v: int(v) >= 1, "use at least one round.", prefix="qsharp")
     require(q, "critic_steps", lambda v: int(v) >= 1, "use at least one critic step per round.", prefix="qsharp")
     require(q, "rollouts_per_round", lambda v: int(v) >= 1, "collect at least one roll-out per round.",
             prefix="qsharp")
-    dp = sharding.data_parallel_size(common.build_mesh(cfg))
+    dp = sharding.data_parallel_size(setup_lib.build_mesh(cfg))
     require(q, "rollouts_per_round", lambda v: int(v) % dp == 0 and int(v) % jax.process_count() == 0,
             f"a round is one global batch split over the data-parallel size {dp} and {jax.process_count()} "
             f"process(es): use a multiple of {int(np.lcm(dp, jax.process_count()))}.", prefix="qsharp")
@@ -395,7 +395,7 @@ def reference_config(cfg):
 def run(cfg, workdir: str):
     """Run Q♯ rounds (and evaluate Q♯ and CD guidance at every η) in `workdir`; returns the final eval."""
     from kljax.data import make_loader
-    from kljax.train import common
+    from kljax.train import driver, evaluation as eval_lib, runs as runs_lib, setup as setup_lib
     validate(cfg)
     q = cfg.qsharp
     objective = check_objective(cfg, "value")
@@ -404,16 +404,16 @@ def run(cfg, workdir: str):
     hparams = objective_hparams(cfg)
     if atoms is not None:
         hparams["atoms"] = jnp.asarray(atoms)
-    task = common.build_task(cfg)
-    mesh = common.build_mesh(cfg)
-    ref_ts = (common.load_state_from(cfg.init_from, mesh)[0] if cfg.get("init_from", "") else
-              common.create_state(reference_config(cfg), mesh, task))  # model.hf_path's checkpoint
+    task = setup_lib.build_task(cfg)
+    mesh = setup_lib.build_mesh(cfg)
+    ref_ts = (runs_lib.load_state_from(cfg.init_from, mesh)[0] if cfg.get("init_from", "") else
+              setup_lib.create_state(reference_config(cfg), mesh, task))  # model.hf_path's checkpoint
     ref_model = ref_ts.model()
-    ts = common.create_state(cfg, mesh, task)
+    ts = setup_lib.create_state(cfg, mesh, task)
     if q.get("critic_init", "reference") == "reference":
         ts = merge_params(ts, ref_ts.params)
-    train_step = common.make_step(functools.partial(critic_loss, objective=objective, hparams=hparams), cfg, mesh, ts)
-    loader = make_loader(task.data_source("train", common.data_dir(cfg)), int(q.rollouts_per_round),
+    train_step = setup_lib.make_step(functools.partial(critic_loss, objective=objective, hparams=hparams), cfg, mesh, ts)
+    loader = make_loader(task.data_source("train", setup_lib.data_dir(cfg)), int(q.rollouts_per_round),
                          seed=int(cfg.seed))
     data = RoundData(os.path.abspath(workdir), mesh)
     steps_per_round = int(q.critic_steps)
@@ -452,7 +452,7 @@ def run(cfg, workdir: str):
                   "qsharp/rollout_reward": stats.get("rollout_reward", float(jnp.mean(data.rounds[k]["returns"])))})
         return ts, m
 
-    records = common.test_records(cfg, task)
+    records = eval_lib.test_records(cfg, task)
     eval_key = jax.random.PRNGKey(int(cfg.seed) + 12345)
     guidances = tuple(q.get("guidances", ("qsharp", "cd")))
 
@@ -474,5 +474,5 @@ def run(cfg, workdir: str):
     # skip the rounds already collected.
     for _ in range(data.saved()):
         next(loader)
-    return common.run_loop(cfg, workdir, state=ts, step_fn=step_fn, batches=None, eval_fn=eval_fn,
+    return driver.run_loop(cfg, workdir, state=ts, step_fn=step_fn, batches=None, eval_fn=eval_fn,
                            bar_keys=("loss", "critic/accuracy", "qsharp/rollout_reward"))

@@ -39,7 +39,8 @@ from flax import nnx
 from kljax import data as data_lib
 from kljax.config import ConfigError, require
 from kljax.models import positions_from_valid
-from kljax.train import common, driver, evaluation as eval_lib, runs as runs_lib, setup as setup_lib, sharding as shd
+from kljax.train import common, driver, evaluation as eval_lib, runs as runs_lib, setup as setup_lib
+from kljax.train import sharding as shd
 
 PAIR_FIELDS = ("chosen", "chosen_valid", "rejected", "rejected_valid")
 

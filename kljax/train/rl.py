@@ -62,7 +62,10 @@ from kljax.config import ConfigError, require
 from kljax.objectives import advantages as adv_lib
 from kljax.sampling import generate
 from kljax.tasks.rewards import RewardError
-from kljax.train import common, sharding as shd, state as state_lib
+from kljax.models import positions_from_valid
+from kljax.train import common, driver, evaluation as eval_lib, runs as runs_lib
+from kljax.train import sequences as seq_lib, setup as setup_lib
+from kljax.train import sharding as shd, state as state_lib
 
 ADVANTAGES = ("objective", "group_mean_std", "group_mean", "leave_one_out", "batch", "gae")
 # rl.* fields of PPO with a critic (rl.advantage = "gae") and their defaults.
@@ -137,7 +140,7 @@ def validate(cfg: Any, check_paths: bool = True) -> None:
         raise ConfigError("config field `rl.dynamic_sampling` = True needs rl.group_size >= 2 (a group of one "
                           "always has zero reward variance).")
     rows = int(r.prompts_per_step) * g
-    mesh = common.build_mesh(cfg)
+    mesh = setup_lib.build_mesh(cfg)
     dp = shd.data_parallel_size(mesh)
     require(cfg, "rl.minibatch_size", lambda v: int(v) >= 1 and rows % int(v) == 0 and int(v) % g == 0
             and int(v) % dp == 0,
@@ -149,14 +152,14 @@ def validate(cfg: Any, check_paths: bool = True) -> None:
                   default="fixed")
     if ref == "reset":
         require(cfg, "rl.reset_every", lambda v: int(v) >= 1, "reset the reference every K >= 1 roll-outs.")
-    if not cfg.get("init_from", "") and not common.hf_path(cfg):
+    if not cfg.get("init_from", "") and not setup_lib.hf_path(cfg):
         raise ConfigError("config field `init_from` is empty: loop 'rl' starts from a pretrained model, which is "
                           "also the reference; set --config.init_from=<workdir of an sft run> (e.g. the "
                           "experiment's `pretrain` arg) or --config.model.hf_path=<Hugging Face folder>.")
     if check_paths and cfg.get("init_from", ""):  # a pipeline's later stages point at runs that do not exist yet
-        common.check_run_exists(cfg.init_from, "init_from")
+        runs_lib.check_run_exists(cfg.init_from, "init_from")
         if r.get("teacher_from", ""):
-            common.check_run_exists(r.teacher_from, "rl.teacher_from")
+            runs_lib.check_run_exists(r.teacher_from, "rl.teacher_from")
     from kljax.train import reward_model
     reward_model.check_model_reward(cfg, check_paths)
     for field in ("rl.reference_sharding", "rl.teacher_sharding"):
@@ -218,7 +221,7 @@ def _validate_gae(cfg: Any, name: str) -> None:
 def _old_values(graphdef, params, rest, seq, valid, prompt_len):
     """Critic values V(h_t) [B, N] of the completion tokens (the scalar head at the predicting position)."""
     model = nnx.merge(graphdef, params, rest)
-    h = model.hidden(seq, positions=common.positions_from_valid(valid), valid=valid)[:, prompt_len - 1:-1]
+    h = model.hidden(seq, positions=positions_from_valid(valid), valid=valid)[:, prompt_len - 1:-1]
     return model.values(h)
 
 
@@ -251,7 +254,7 @@ def _logp_and_logits(graphdef, params, rest, seq, valid, prompt_len, want_logits
     model = nnx.merge(graphdef, params, rest)
 
     def one(rows):
-        logp, logits = common.completion_logp(model, rows[0], rows[1], prompt_len)
+        logp, logits = seq_lib.completion_logp(model, rows[0], rows[1], prompt_len)
         return logp, (logits if want_logits else None)
 
     rows = seq.shape[0]
@@ -343,15 +346,15 @@ def make_rl_loss(cfg: Any, prompt_len: int, group_size: int):
         ent = None
         if critic:  # one trunk pass for the policy's logits and the critic's values
             seq, valid = batch["sequences"], batch["valid"]
-            h = model.hidden(seq, positions=common.positions_from_valid(valid), valid=valid)[:, prompt_len - 1:-1]
+            h = model.hidden(seq, positions=positions_from_valid(valid), valid=valid)[:, prompt_len - 1:-1]
             logits = model.logits_from_hidden(h)
             logp = ops.token_logprobs(logits, seq[:, prompt_len:])
         elif tile := update_vocab_tile(cfg, kw, model):  # a Python int at trace time
-            logp, ent = common.completion_logp_entropy_tiled(model, batch["sequences"], batch["valid"],
+            logp, ent = seq_lib.completion_logp_entropy_tiled(model, batch["sequences"], batch["valid"],
                                                              prompt_len, tile)
             logits = None
         else:
-            logp, logits = common.completion_logp(model, batch["sequences"], batch["valid"], prompt_len)
+            logp, logits = seq_lib.completion_logp(model, batch["sequences"], batch["valid"], prompt_len)
         ob = {"logp": logp, "logits": logits, "old_logp": batch["old_logp"], "ref_logp": batch["ref_logp"],
               "mask": batch["mask"]}
         for k in ("rewards", "advantages", "ref_logits", "teacher_logp"):
@@ -380,7 +383,7 @@ def make_critic_loss(cfg: Any, prompt_len: int):
     def loss_fn(model, batch, rng):
         del rng
         seq, valid = batch["sequences"], batch["valid"]
-        h = model.hidden(seq, positions=common.positions_from_valid(valid), valid=valid)[:, prompt_len - 1:-1]
+        h = model.hidden(seq, positions=positions_from_valid(valid), valid=valid)[:, prompt_len - 1:-1]
         vloss, vm = clipped_value_loss(model.values(h), batch["old_values"], batch["returns"], batch["mask"],
                                        clip_eps=vclip)
         return vf_coef * vloss, dict(vm)
@@ -400,9 +403,9 @@ def critic_config(cfg: Any) -> Any:
 def create_critic(sched_cfg: Any, mesh: Any, task: Any, policy_params: Any) -> state_lib.TrainState:
     """The separate critic's fresh train state: the policy's (initial) params for the trunk, a fresh head."""
     c = critic_config(sched_cfg)
-    ts = common.create_state(c, mesh, task, pretrained=False)  # the trunk is overwritten just below
+    ts = setup_lib.create_state(c, mesh, task, pretrained=False)  # the trunk is overwritten just below
     # Copies: the policy's step donates its params, which must not be the critic's buffers too.
-    params = common.merge_params(ts.params, jax.tree.map(lambda x: x.copy(), policy_params))
+    params = runs_lib.merge_params(ts.params, jax.tree.map(lambda x: x.copy(), policy_params))
     if params is None:
         raise ConfigError("config field `rl.critic` = 'separate': the critic (the policy's model with "
                           "value_head='scalar') does not match the policy's parameters; this is a bug.")
@@ -431,7 +434,7 @@ def run(cfg: Any, workdir: str) -> dict:
     """Train `cfg.total_steps` roll-outs in `workdir` (resuming); return the final evaluation."""
     loop = _RLLoop(cfg)
     try:
-        return common.run_loop(cfg, workdir, state=loop.state, step_fn=loop.step, batches=_PromptIter(loop.prompts),
+        return driver.run_loop(cfg, workdir, state=loop.state, step_fn=loop.step, batches=_PromptIter(loop.prompts),
                                eval_fn=loop.eval_fn, bar_keys=("reward", "kl", "kl_forward", "entropy", "loss"),
                                desc=f"rl {cfg.objective.name}")
     finally:
@@ -458,7 +461,7 @@ class _RLLoop:
         ref_params = self.ref_layout(ts.params)
         self.teacher = None
         if r.get("teacher_from", ""):
-            t, _ = common.load_state_from(r.teacher_from, mesh, rules=shd.layout_rules(cfg, "rl.teacher_sharding"))
+            t, _ = runs_lib.load_state_from(r.teacher_from, mesh, rules=shd.layout_rules(cfg, "rl.teacher_sharding"))
             self.teacher = (t.graphdef, t.params, t.model_state)
         self.gae_opts = _gae_opts(cfg)
         self.separate = critic_kind(cfg) == "separate"
@@ -472,17 +475,17 @@ class _RLLoop:
         self.adv_kind = r.get("advantage", "objective")
         self.policy_step = state_lib.make_train_step(make_rl_loss(cfg, self.P, self.G), mesh,
                                                      state_lib.state_sharding(ts),
-                                                     schedule=common.schedule(self.sched_cfg))
+                                                     schedule=setup_lib.schedule(self.sched_cfg))
         self.critic_step = None
         if self.separate:
             self.critic_step = state_lib.make_train_step(make_critic_loss(cfg, self.P), mesh,
                                                          state_lib.state_sharding(critic_ts),
-                                                         schedule=common.schedule(critic_config(self.sched_cfg)))
-        self.prompts = data_lib.make_loader(task.data_source("train", common.data_dir(cfg)), self.n_prompts,
+                                                         schedule=setup_lib.schedule(critic_config(self.sched_cfg)))
+        self.prompts = data_lib.make_loader(task.data_source("train", setup_lib.data_dir(cfg)), self.n_prompts,
                                             seed=int(cfg.seed))
         # Evaluation KL is always to the initial (pretrained) model, also when the reference is reset.
         ref_model_for_eval = nnx.merge(ts.graphdef, jax.tree.map(lambda x: x.copy(), ref_params), ts.model_state)
-        self.eval_fn = common.make_generation_eval(cfg, task, mesh, ref_model=ref_model_for_eval,
+        self.eval_fn = eval_lib.make_generation_eval(cfg, task, mesh, ref_model=ref_model_for_eval,
                                                    model_of=lambda s: s.train.model())
         self.dynamic = bool(r.get("dynamic_sampling", False))
         self.max_rounds = int(r.get("max_sampling_rounds", 4))

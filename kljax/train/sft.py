@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 from kljax import data as data_lib
 from kljax import ops
-from kljax.train import common, driver, evaluation as eval_lib, runs as runs_lib, sequences as seq_lib, setup as setup_lib
+from kljax.train import common, driver, evaluation as eval_lib, runs as runs_lib
+from kljax.train import sequences as seq_lib, setup as setup_lib
 
 
 def sft_loss_fn(prompt_len: int):
