@@ -198,12 +198,12 @@ def distill_functions(cfg, mesh, task) -> list[tuple[str, Any]]:
     import jax.numpy as jnp
     from flax import nnx
 
-    from kljax.train import distill
+    from kljax.train import distill, preflight, runs as runs_lib
     from kljax.train import sharding as shd
     if cfg.task.name == "digits":
         from kljax.config import ConfigError
         raise ConfigError("kljax.aot covers sequence distillation; the digits classifier loop is tiny.")
-    objective = distill.check_objective(cfg, "distill")
+    objective = preflight.check_objective(cfg, "distill")
     ts = _abstract_state(cfg, mesh, task)
     bs, B = shd.batch_sharding(mesh), int(cfg.batch_size)
     P, C, V = task.prompt_len, task.completion_len, ts.params["embed"]["embedding"].shape[0] \
@@ -212,12 +212,12 @@ def distill_functions(cfg, mesh, task) -> list[tuple[str, Any]]:
     batch = {"tokens": _sds((B, T), jnp.int32, bs), "valid": _sds((B, T), jnp.int32, bs),
              "positions": _sds((B, T), jnp.int32, bs), "loss_mask": _sds((B, T), jnp.float32, bs),
              "teacher_logits": _sds((B, T, V), jnp.float32, bs)}
-    loss = functools.partial(distill.lm_distill_loss, objective=objective, hparams=distill.objective_hparams(cfg))
+    loss = functools.partial(distill.lm_distill_loss, objective=objective, hparams=preflight.objective_hparams(cfg))
     out = [("train_step", _lower_step(loss, cfg, mesh, ts, batch))]
     teacher = ts  # the teacher's own architecture when its workdir is readable here
     spec = cfg.distill.get("teacher_from", "")
     if spec and spec != "source" and os.path.exists(os.path.join(spec, "config.json")):
-        tcfg = distill.read_workdir_config(spec)
+        tcfg = runs_lib.read_config(spec)
         teacher = _abstract_state(tcfg, mesh, task)
     graphdef = nnx.split(nnx.merge(teacher.graphdef, teacher.params, teacher.model_state))[0]
     fwd = jax.jit(lambda st, t, p, v: nnx.merge(graphdef, st)(t, positions=p, valid=v))

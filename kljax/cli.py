@@ -343,7 +343,7 @@ def param_count(cfg: Any) -> int:
     from flax import nnx
     from kljax.train import setup as setup_lib
     if cfg.get("loop", "") == "distill" and "num_classes" in cfg.model:
-        from kljax.train.distill import model_from_config
+        from kljax.train.runs import model_from_config
         build = lambda: model_from_config(cfg.model, nnx.Rngs(0))  # noqa: E731
     else:
         mc = setup_lib.model_config(cfg)

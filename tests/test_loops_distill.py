@@ -5,7 +5,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -14,7 +13,7 @@ from flax import nnx
 from kljax import objectives, tasks
 from kljax.config import ConfigError
 from kljax.models import TransformerLM, lm_config
-from kljax.train import distill
+from kljax.train import distill, sequences
 
 TASK = tasks.get("synthetic_lm", vocab=5, seq_len=6, train_size=64, test_size=16)
 
@@ -29,7 +28,7 @@ def test_sequence_batch_layout():
     pv = np.array([[0, 1, 1], [1, 1, 1]])
     comp = np.array([[1, 2, 0], [3, 0, 0]])
     cv = np.array([[1, 1, 0], [1, 0, 0]])
-    b = distill.sequence_batch(prompt, pv, comp, cv)
+    b = sequences.sequence_batch(prompt, pv, comp, cv)
     assert b["tokens"].tolist() == [[0, 7, 8, 1, 2, 0], [9, 9, 9, 3, 0, 0]]
     # position t trains when token t+1 is a real completion token
     assert b["loss_mask"].tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 1, 0, 0, 0]]
@@ -43,7 +42,7 @@ def test_distill_steps_reduce_exact_kl(name):
     rng = np.random.default_rng(0)
     tokens = TASK.sample(8, rng)
     valid = TASK.validity(tokens)
-    b = distill.sequence_batch(tokens[:, :1], valid[:, :1], tokens[:, 1:], valid[:, 1:])
+    b = sequences.sequence_batch(tokens[:, :1], valid[:, :1], tokens[:, 1:], valid[:, 1:])
     b["teacher_logits"] = TASK.true_logprobs(b["tokens"], smoothing=1e-2)
     batch = {k: jnp.asarray(x) for k, x in b.items()}
     obj = objectives.get(name)

@@ -42,15 +42,11 @@ replay_size, replay_ratio (LM); teacher_model, teacher_steps, teacher_model_key 
 from __future__ import annotations
 
 import base64
-
 import functools
-import json
 import os
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -59,125 +55,11 @@ from kljax.config import ConfigError, require
 from kljax.objectives import distill as distill_obj
 from kljax.sampling import generate
 from kljax.train import checkpoint, sharding, state as state_lib
+from kljax.train.preflight import check_objective, objective_hparams
+from kljax.train.runs import load_model, model_from_config
+from kljax.train.sequences import sequence_batch
 
 DATA_SOURCES = ("dataset", "student", "teacher", "adaptive")
-
-
-# ----------------------------------------------------------------------------------------------
-# Small loop kit shared by distill / qsharp / preference (see kljax.train.common for the generic one)
-# ----------------------------------------------------------------------------------------------
-
-def objective_hparams(cfg) -> dict:
-    """`cfg.objective` without its `name`, as plain keyword arguments."""
-    d = cfg.objective.to_dict() if isinstance(cfg.objective, ml_collections.ConfigDict) else dict(cfg.objective)
-    d.pop("name", None)
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-
-
-def check_objective(cfg, family: str | tuple) -> Callable:
-    """The registered objective `cfg.objective.name`, checked to belong to `family`."""
-    families = (family,) if isinstance(family, str) else tuple(family)
-    name = require(cfg, "objective.name", lambda v: isinstance(v, str),
-                   f"name a registered objective; {families[0]} objectives: "
-                   f"{[n for n in objectives.names() if objectives.family(n) in families]}")
-    if name not in objectives.names():
-        raise ConfigError(f"config field `objective.name` = {name!r} is not a registered objective; "
-                          f"valid {'/'.join(families)} objectives: "
-                          f"{[n for n in objectives.names() if objectives.family(n) in families]}")
-    if objectives.family(name) not in families:
-        raise ConfigError(f"config field `objective.name` = {name!r} is a {objectives.family(name)!r} objective but "
-                          f"loop {cfg.loop!r} needs a {'/'.join(families)} objective: one of "
-                          f"{[n for n in objectives.names() if objectives.family(n) in families]}")
-    return objectives.get(name)
-
-
-def model_from_config(model_cfg, rngs):
-    from kljax.models import Classifier, TransformerLM
-    if "num_classes" in model_cfg:
-        return Classifier(model_cfg, rngs=rngs)
-    return TransformerLM(model_cfg, rngs=rngs)
-
-
-def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, checkpoint.CONFIG_FILE)
-    if not os.path.exists(path):
-        raise ConfigError(f"{path} does not exist: point the field at the workdir of a finished run "
-                          "(it holds config.json and checkpoints/).")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def _model_config_of(wcfg, model_key: str) -> ml_collections.ConfigDict:
-    from kljax.models import classifier_config
-    from kljax.train import setup as setup_lib
-    d = wcfg[model_key].to_dict()
-    d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-    if "num_classes" in d:
-        return classifier_config(**d)
-    if model_key == "model":
-        return setup_lib.model_config(wcfg)
-    sub = ml_collections.ConfigDict(wcfg.to_dict())
-    sub.model = d
-    return setup_lib.model_config(sub)
-
-
-def load_model(workdir: str, field: str, model_key: str = "model", **overrides) -> nnx.Module:
-    """The model trained in `workdir` (its config.json `model_key` and latest checkpoint's params).
-
-    `overrides` change the model config (e.g. `value_head="token"` to start a critic from a
-    reference body): parameters missing from the checkpoint, or of another shape, keep their fresh
-    initialization. `field` names the config field in errors.
-    """
-    import orbax.checkpoint as ocp
-    wcfg = read_workdir_config(workdir)
-    if model_key not in wcfg:
-        raise ConfigError(f"config field `{field}` = {workdir!r}: its config.json has no `{model_key}`.")
-    mcfg = _model_config_of(wcfg, model_key)
-    for k, v in overrides.items():
-        mcfg[k] = v
-    model = model_from_config(mcfg, nnx.Rngs(0))
-    ckdir = os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINT_DIR)
-    mgr = ocp.CheckpointManager(ckdir, item_names=("state", "data"))
-    step = mgr.latest_step()
-    if step is None:
-        raise ConfigError(f"config field `{field}` = {workdir!r} has no finished checkpoint in {ckdir}; "
-                          "run that stage first.")
-    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    mgr.close()
-    params = restored["params"]
-    graphdef, cur, rest = nnx.split(model, nnx.Param, ...)
-    cur_pure = nnx.to_pure_dict(cur)
-
-    def merge(fresh, loaded):
-        if isinstance(fresh, dict):
-            sub = loaded if isinstance(loaded, dict) else {}
-            return {k: merge(v, sub.get(k, sub.get(str(k)))) for k, v in fresh.items()}
-        if loaded is None or tuple(np.shape(loaded)) != tuple(np.shape(fresh)):
-            return fresh
-        return jnp.asarray(loaded, fresh.dtype)
-
-    nnx.replace_by_pure_dict(cur, merge(cur_pure, params))
-    return nnx.merge(graphdef, cur, rest)
-
-
-# ----------------------------------------------------------------------------------------------
-# Sequence layout: prompt (LEFT-padded) + completion (right-padded)
-# ----------------------------------------------------------------------------------------------
-
-def sequence_batch(prompt, prompt_valid, completion, completion_valid) -> dict:
-    """`{tokens, valid, positions, loss_mask}` [B, P+N] for prompt+completion.
-
-    `loss_mask[:, t]` is 1 where position t predicts a real completion token (t+1 ≥ P), so the
-    loss uses `logits[:, t]` against token t+1; the last position never trains.
-    """
-    prompt, completion = np.asarray(prompt), np.asarray(completion)
-    pv, cv = np.asarray(prompt_valid, np.int32), np.asarray(completion_valid, np.int32)
-    tokens = np.concatenate([prompt, completion], axis=1).astype(np.int32)
-    valid = np.concatenate([pv, cv], axis=1)
-    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
-    loss_mask = np.zeros_like(valid)
-    loss_mask[:, prompt.shape[1] - 1:-1] = cv
-    return {"tokens": tokens, "valid": valid, "positions": positions, "loss_mask": loss_mask.astype(np.float32)}
 
 
 def exact_kl_metrics(student_logits, teacher_logits, mask) -> dict:

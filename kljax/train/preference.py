@@ -33,7 +33,7 @@ from kljax import ops
 from kljax.config import ConfigError, require
 from kljax.sampling import generate
 from kljax.train import sharding as shd
-from kljax.train.distill import check_objective, objective_hparams
+from kljax.train.preflight import check_objective, objective_hparams
 
 
 def collect_pairs(ref_model, task, records: dict, key, *, max_tries: int, temperature: float = 1.0) -> dict:

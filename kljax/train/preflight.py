@@ -12,13 +12,14 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from kljax import objectives
-from kljax.config import ConfigError
+from kljax.config import ConfigError, require
 
 _B, _T, _V = 4, 3, 5  # tiny abstract shapes (rows = 2 groups of 2 when the loop uses groups)
 
@@ -138,3 +139,27 @@ def check_objective_hparams(cfg: Any, prefix: str = "objective") -> None:
         raise ConfigError(f"config field `{prefix}` (objective {name!r} with "
                           f"{', '.join(f'{k}={v!r}' for k, v in hp.items()) or 'its defaults'}) cannot run in loop "
                           f"{cfg.get('loop', '?')!r}: {msg}") from None
+
+
+def objective_hparams(cfg) -> dict:
+    """`cfg.objective` without its `name`, as plain keyword arguments."""
+    d = cfg.objective.to_dict() if isinstance(cfg.objective, ml_collections.ConfigDict) else dict(cfg.objective)
+    d.pop("name", None)
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+
+
+def check_objective(cfg, family: str | tuple) -> Callable:
+    """The registered objective `cfg.objective.name`, checked to belong to `family`."""
+    families = (family,) if isinstance(family, str) else tuple(family)
+    name = require(cfg, "objective.name", lambda v: isinstance(v, str),
+                   f"name a registered objective; {families[0]} objectives: "
+                   f"{[n for n in objectives.names() if objectives.family(n) in families]}")
+    if name not in objectives.names():
+        raise ConfigError(f"config field `objective.name` = {name!r} is not a registered objective; "
+                          f"valid {'/'.join(families)} objectives: "
+                          f"{[n for n in objectives.names() if objectives.family(n) in families]}")
+    if objectives.family(name) not in families:
+        raise ConfigError(f"config field `objective.name` = {name!r} is a {objectives.family(name)!r} objective but "
+                          f"loop {cfg.loop!r} needs a {'/'.join(families)} objective: one of "
+                          f"{[n for n in objectives.names() if objectives.family(n) in families]}")
+    return objectives.get(name)

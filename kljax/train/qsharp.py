@@ -54,7 +54,8 @@ from kljax.models import positions_from_valid
 from kljax.sampling import generate
 from kljax.tasks import base as task_base
 from kljax.train import sharding
-from kljax.train.distill import check_objective, objective_hparams, sequence_batch
+from kljax.train.preflight import check_objective, objective_hparams
+from kljax.train.sequences import sequence_batch
 
 KIND_OF = {"qsharp_bce": "bernoulli", "qsharp_histogram": "histogram"}
 GUIDANCE = ("qsharp", "cd", "reference")

@@ -1,5 +1,5 @@
-"""Other runs' checkpoints: a run's config, its restored state (reference, teacher, initialization)
-and parameter merging."""
+"""Other runs' checkpoints: a run's config, its restored state or model (reference, teacher,
+initialization; `load_model` also for classifier runs and value-head overrides) and parameter merging."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,9 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from kljax.config import ConfigError
@@ -118,3 +120,63 @@ def merge_params(dst: Any, src: Any) -> Any:
             return None
     return jax.tree_util.tree_unflatten(treedef, out) if used == len(src_map) else None
 
+
+def model_from_config(model_cfg, rngs):
+    """A `Classifier` (digits) or `TransformerLM` for a model config."""
+    from kljax.models import Classifier, TransformerLM
+    if "num_classes" in model_cfg:
+        return Classifier(model_cfg, rngs=rngs)
+    return TransformerLM(model_cfg, rngs=rngs)
+
+
+def _model_config_of(wcfg, model_key: str) -> ml_collections.ConfigDict:
+    from kljax.models import classifier_config
+    from kljax.train import setup as setup_lib
+    d = wcfg[model_key].to_dict()
+    d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+    if "num_classes" in d:
+        return classifier_config(**d)
+    if model_key == "model":
+        return setup_lib.model_config(wcfg)
+    sub = ml_collections.ConfigDict(wcfg.to_dict())
+    sub.model = d
+    return setup_lib.model_config(sub)
+
+
+def load_model(workdir: str, field: str, model_key: str = "model", **overrides) -> nnx.Module:
+    """The model trained in `workdir` (its config.json `model_key` and latest checkpoint's params).
+
+    `overrides` change the model config (e.g. `value_head="token"` to start a critic from a
+    reference body): parameters missing from the checkpoint, or of another shape, keep their fresh
+    initialization. `field` names the config field in errors.
+    """
+    import orbax.checkpoint as ocp
+    wcfg = read_config(workdir)
+    if model_key not in wcfg:
+        raise ConfigError(f"config field `{field}` = {workdir!r}: its config.json has no `{model_key}`.")
+    mcfg = _model_config_of(wcfg, model_key)
+    for k, v in overrides.items():
+        mcfg[k] = v
+    model = model_from_config(mcfg, nnx.Rngs(0))
+    ckdir = os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINT_DIR)
+    mgr = ocp.CheckpointManager(ckdir, item_names=("state", "data"))
+    step = mgr.latest_step()
+    if step is None:
+        raise ConfigError(f"config field `{field}` = {workdir!r} has no finished checkpoint in {ckdir}; "
+                          "run that stage first.")
+    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    mgr.close()
+    params = restored["params"]
+    graphdef, cur, rest = nnx.split(model, nnx.Param, ...)
+    cur_pure = nnx.to_pure_dict(cur)
+
+    def merge(fresh, loaded):
+        if isinstance(fresh, dict):
+            sub = loaded if isinstance(loaded, dict) else {}
+            return {k: merge(v, sub.get(k, sub.get(str(k)))) for k, v in fresh.items()}
+        if loaded is None or tuple(np.shape(loaded)) != tuple(np.shape(fresh)):
+            return fresh
+        return jnp.asarray(loaded, fresh.dtype)
+
+    nnx.replace_by_pure_dict(cur, merge(cur_pure, params))
+    return nnx.merge(graphdef, cur, rest)

@@ -1,9 +1,11 @@
-"""Forward passes over [prompt | completion] sequences: completion logits, log-probs and entropies."""
+"""Sequences of [prompt (left-padded) | completion (right-padded)]: their layout (`sequence_batch`) and
+forward passes over them (completion logits, log-probs and entropies)."""
 from __future__ import annotations
 
 import functools
 
 import jax
+import numpy as np
 from flax import nnx
 
 from kljax import ops
@@ -45,3 +47,18 @@ def model_logits(model: nnx.Module, sequences, valid, prompt_len: int) -> jax.Ar
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return _completion_logits(graphdef, params, rest, sequences, valid, prompt_len)
 
+
+def sequence_batch(prompt, prompt_valid, completion, completion_valid) -> dict:
+    """`{tokens, valid, positions, loss_mask}` [B, P+N] for prompt+completion.
+
+    `loss_mask[:, t]` is 1 where position t predicts a real completion token (t+1 ≥ P), so the
+    loss uses `logits[:, t]` against token t+1; the last position never trains.
+    """
+    prompt, completion = np.asarray(prompt), np.asarray(completion)
+    pv, cv = np.asarray(prompt_valid, np.int32), np.asarray(completion_valid, np.int32)
+    tokens = np.concatenate([prompt, completion], axis=1).astype(np.int32)
+    valid = np.concatenate([pv, cv], axis=1)
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+    loss_mask = np.zeros_like(valid)
+    loss_mask[:, prompt.shape[1] - 1:-1] = cv
+    return {"tokens": tokens, "valid": valid, "positions": positions, "loss_mask": loss_mask.astype(np.float32)}
