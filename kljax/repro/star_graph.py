@@ -152,9 +152,9 @@ def _graph_name(g: dict) -> str:
 def _seq_kl_sum(model, ref, task, seqs, valid):
     """Exact Σ_t KL(π(·|h_t)‖π_ref(·|h_t)) over each row's generated tokens."""
     from kljax import divergences as dv
-    from kljax.train import common as tc
+    from kljax.train import sequences as seq_lib
     P = task.prompt_len
-    kl = np.asarray(dv.kl(tc.model_logits(model, seqs, valid, P), tc.model_logits(ref, seqs, valid, P)))
+    kl = np.asarray(dv.kl(seq_lib.model_logits(model, seqs, valid, P), seq_lib.model_logits(ref, seqs, valid, P)))
     return (kl * np.asarray(valid[:, P:], np.float64)).sum(1)
 
 
@@ -183,10 +183,10 @@ def policy_eval(model, ref, task, records, key, batch_size: int = 256) -> dict:
 
 def teacher_forced(model, task, records) -> list[float]:
     """Per target position (s, n1, ..., g, EOS): fraction of test graphs where argmax π = the truth."""
-    from kljax.train import common as tc
+    from kljax.train import sequences as seq_lib
     seq = np.concatenate([records["prompt"], records["target"]], 1)
     valid = np.concatenate([records["prompt_valid"], records["target_valid"]], 1).astype(np.int32)
-    pred = np.asarray(jnp.argmax(tc.model_logits(model, seq, valid, task.prompt_len), -1))
+    pred = np.asarray(jnp.argmax(seq_lib.model_logits(model, seq, valid, task.prompt_len), -1))
     ok = (pred == records["target"]) & (records["target_valid"] > 0)
     return (ok.sum(0) / np.maximum((records["target_valid"] > 0).sum(0), 1)).tolist()
 
@@ -246,8 +246,8 @@ def mc_guidance(ref, task, records, key, *, etas, candidates: int, rollouts: int
                                     pad_id=task.pad_id).tokens)                         # s (copied)
         seq = np.concatenate([r["prompt"], first], 1).astype(np.int32)
         valid = np.concatenate([r["prompt_valid"], np.ones_like(first)], 1).astype(np.int32)
-        from kljax.train import common as tc
-        logits = np.asarray(tc.model_logits(ref, np.concatenate([seq, first], 1),
+        from kljax.train import sequences as seq_lib
+        logits = np.asarray(seq_lib.model_logits(ref, np.concatenate([seq, first], 1),
                                             np.concatenate([valid, np.ones_like(first)], 1), task.prompt_len + 1))
         ref_logits = logits[:, 0]                                                        # π_ref(n1 | x, s)
         cand = np.argsort(-ref_logits, axis=1)[:, :candidates]                          # [b, K]
@@ -343,7 +343,7 @@ def run(cfg: dict, out: str) -> dict:
 
 
 def _run_graph(cfg: dict, g: dict, out: str, partial=lambda res: None) -> dict:
-    from kljax.train import common as tc
+    from kljax.train import evaluation as eval_lib, runs as runs_lib, sequences as seq_lib, setup as setup_lib
     gname = _graph_name(g)
     base = os.path.join(cfg["workdir"], gname.replace("(", "_").replace(")", "").replace(",", "_"))
     res: dict = {"graph": gname, "methods": [], "stage_wall_s": {}}
@@ -368,13 +368,13 @@ def _run_graph(cfg: dict, g: dict, out: str, partial=lambda res: None) -> dict:
     pc.checkpoint.best_metric = ""
     ref_dir = _stage_dir(base, "pretrain", pc)
     _run_stage(pc, ref_dir)
-    task = tc.build_task(pc)
-    mesh = tc.build_mesh(pc)
-    ref = tc.load_model_from(ref_dir, mesh)
-    records = tc.test_records(pc, task)
+    task = setup_lib.build_task(pc)
+    mesh = setup_lib.build_mesh(pc)
+    ref = runs_lib.load_model_from(ref_dir, mesh)
+    records = eval_lib.test_records(pc, task)
     key = jax.random.PRNGKey(2024)
     ev = policy_eval(ref, ref, task, records, key)
-    ref_values = np.asarray(tc.model_logits(
+    ref_values = np.asarray(seq_lib.model_logits(
         ref, np.concatenate([records["prompt"], records["target"][:, :2]], 1),
         np.concatenate([records["prompt_valid"], np.ones((len(records["prompt"]), 2), np.int32)], 1),
         task.prompt_len + 1))[:, 0]
@@ -405,7 +405,7 @@ def _run_graph(cfg: dict, g: dict, out: str, partial=lambda res: None) -> dict:
     # 3. critic learning curve -----------------------------------------------------------------
     cv = cfg["curve"]
     max_n = max(int(n) for v in cv["variants"] for n in v["sizes"])
-    tr = tc._test_records(task, tc.data_dir(pc), "train", max_n)
+    tr = eval_lib._test_records(task, setup_lib.data_dir(pc), "train", max_n)
     pool_path = os.path.join(base, f"pool-{_digest(pc)}-{max_n}.npz")
     if os.path.exists(pool_path):
         with np.load(pool_path) as z:
@@ -459,7 +459,7 @@ def _run_graph(cfg: dict, g: dict, out: str, partial=lambda res: None) -> dict:
                     np.savez(seed_file + ".tmp.npz", **d)
                     os.replace(seed_file + ".tmp.npz", seed_file)
                 ev = _run_stage(qc, wd)
-                critic = tc.load_model_from(wd, mesh)
+                critic = runs_lib.load_model_from(wd, mesh)
                 dec = decision_accuracy(critic_values(critic, task, records), task, records)
                 train_dec = decision_accuracy(critic_values(critic, task, train_rows), task, train_rows)
                 guided = {f"{gd}/eta={e:g}": {"accuracy": ev[f"eval/{gd}/eta={e:g}/accuracy"],
@@ -505,7 +505,7 @@ def _run_graph(cfg: dict, g: dict, out: str, partial=lambda res: None) -> dict:
         rc.task.data_dir = pc.task.data_dir
         wd = _stage_dir(base, variant, rc)
         _run_stage(rc, wd)
-        ev = policy_eval(tc.load_model_from(wd, mesh), ref, task, records, key)
+        ev = policy_eval(runs_lib.load_model_from(wd, mesh), ref, task, records, key)
         o = rc.objective
         hp = ", ".join(f"{k}={o[k]}" for k in ("beta", "kl_estimator", "kl_in") if k in o)
         res["methods"].append(dict(method={"reinforce": "REINFORCE", "grpo": "GRPO", "rpg_ufkl": "RPG-UFKL",
@@ -524,7 +524,7 @@ def _run_graph(cfg: dict, g: dict, out: str, partial=lambda res: None) -> dict:
         dc.task.data_dir = pc.task.data_dir
         wd = _stage_dir(base, "dpo", dc)
         _run_stage(dc, wd)
-        ev = policy_eval(tc.load_model_from(wd, mesh), ref, task, records, key)
+        ev = policy_eval(runs_lib.load_model_from(wd, mesh), ref, task, records, key)
         res["methods"].append(dict(method="DPO", detail=f"β={dc.objective.beta}, {dc.total_steps} steps on ≤ "
                                    f"{dc.preference.num_pairs} (truth, failed π_ref sample) pairs", **ev))
         lap("dpo")
@@ -632,15 +632,15 @@ def _v_loss(model, batch, rng):
 
 def train_v_critic(qc, ref_dir: str, pool: dict, labels: str, n: int, workdir: str):
     """Train a V-type Bernoulli critic (scalar head) with kljax's step and loop on the first `n` roll-outs."""
-    from kljax.train import common as tc
+    from kljax.train import driver, runs as runs_lib, setup as setup_lib
     from kljax.train import qsharp, sharding
-    task = tc.build_task(qc)
-    mesh = tc.build_mesh(qc)
-    ts = tc.create_state(qc, mesh, task)
+    task = setup_lib.build_task(qc)
+    mesh = setup_lib.build_mesh(qc)
+    ts = setup_lib.create_state(qc, mesh, task)
     if qc.qsharp.critic_init == "reference":
-        ref_ts, _ = tc.load_state_from(ref_dir, mesh)
+        ref_ts, _ = runs_lib.load_state_from(ref_dir, mesh)
         ts = qsharp.merge_params(ts, ref_ts.params)
-    step = tc.make_step(_v_loss, qc, mesh, ts)
+    step = setup_lib.make_step(_v_loss, qc, mesh, ts)
     data = {k: pool[k][:n] for k in ("tokens", "valid", "positions", "returns")}
     data["mask"] = pool["mask_all" if labels == "all" else "mask"][:n]
     key = jax.random.PRNGKey(int(qc.seed) + 3)
@@ -652,9 +652,9 @@ def train_v_critic(qc, ref_dir: str, pool: dict, labels: str, n: int, workdir: s
         return step(s, sharding.shard_batch({k: v[idx] for k, v in data.items()}, mesh))
 
     t0 = time.time()
-    tc.run_loop(qc, workdir, state=ts, step_fn=step_fn, batches=None, bar_keys=("loss", "critic/accuracy"),
+    driver.run_loop(qc, workdir, state=ts, step_fn=step_fn, batches=None, bar_keys=("loss", "critic/accuracy"),
                 desc=os.path.basename(workdir))
-    return tc.load_model_from(workdir, mesh), time.time() - t0
+    return runs_lib.load_model_from(workdir, mesh), time.time() - t0
 
 
 def _v_values_fn():
@@ -701,7 +701,7 @@ def v_guided_eval(ref, critic, task, records, key, *, etas, guidances=("qsharp",
     from kljax import divergences as dv
     from kljax.objectives import value as vo
     from kljax.tasks import base as tb
-    from kljax.train import common as tc
+    from kljax.train import sequences as seq_lib
     n = task.completion_len
     out = {}
     for guidance in guidances:
@@ -717,7 +717,7 @@ def v_guided_eval(ref, critic, task, records, key, *, etas, guidances=("qsharp",
                 kk = jax.random.fold_in(key, lo)
                 for t in range(n):
                     L = seq.shape[1]
-                    ref_logits = np.asarray(tc.model_logits(ref, np.concatenate([seq, seq[:, -1:]], 1),
+                    ref_logits = np.asarray(seq_lib.model_logits(ref, np.concatenate([seq, seq[:, -1:]], 1),
                                                             np.ones((b, L + 1), np.int32), L))[:, 0]
                     cand = np.argsort(-ref_logits, 1)[:, :candidates]
                     pc = v_critic_p(critic, seq, cand)

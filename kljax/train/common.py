@@ -32,7 +32,7 @@ import ml_collections
 
 from kljax.config import ConfigError, require
 from kljax.train import sharding as shd, state as state_lib
-from kljax.train.setup import build_mesh, build_task, model_config, optim_config
+from kljax.train import setup as setup_lib
 
 # loop name -> module implementing `run(cfg, workdir) -> dict` and optionally `validate(cfg)`.
 LOOP_MODULES = {
@@ -75,14 +75,14 @@ def validate_common(cfg: Any) -> None:
 
     Raises `ConfigError` naming the field and the fix.
     """
-    task = build_task(cfg)
+    task = setup_lib.build_task(cfg)
     try:
-        model_config(cfg, task)
+        setup_lib.model_config(cfg, task)
         from kljax.models.transformer import _resolved
-        _resolved(model_config(cfg, task))
+        _resolved(setup_lib.model_config(cfg, task))
     except (KeyError, ValueError) as e:
         raise ConfigError(f"config field `model`: {e}") from None
-    mc = model_config(cfg, task)
+    mc = setup_lib.model_config(cfg, task)
     if mc.max_len < task.prompt_len + task.completion_len:
         raise ConfigError(f"config field `model.max_len` = {mc.max_len} is too short: the task needs "
                           f"{task.prompt_len + task.completion_len} (prompt + completion); use 0 (= that) or more.")
@@ -90,7 +90,7 @@ def validate_common(cfg: Any) -> None:
         raise ConfigError(f"config field `model.vocab_size` = {mc.vocab_size} < task vocabulary {task.vocab_size}; "
                           "use 0 (= the task's).")
     try:
-        mesh = build_mesh(cfg)
+        mesh = setup_lib.build_mesh(cfg)
     except shd.MeshError as e:
         raise ConfigError(str(e)) from None
     dp = shd.data_parallel_size(mesh)
@@ -108,7 +108,7 @@ def validate_common(cfg: Any) -> None:
                 default=3)
         require(cfg, "checkpoint.best_mode", lambda v: v in ("max", "min"), "use 'max' or 'min'.", default="max")
     try:
-        state_lib.optimizer_from_config(optim_config(cfg))
+        state_lib.optimizer_from_config(setup_lib.optim_config(cfg))
     except ConfigError as e:
         raise ConfigError(str(e).replace("`optim.total_steps`", "`total_steps`")) from None
 
